@@ -1,0 +1,41 @@
+# Two set-up commands work on a fresh machine with Python 3.11: `make quickstart` and `make test`.
+# They create .venv, install everything (torch first, pinned, so pip never pulls a multi-GB build
+# this machine cannot use), then run. GPU users: `make install TORCH_SPEC=torch` (or install their
+# CUDA build of torch into the venv first; an installed torch that satisfies torch>=2.4 is kept).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.installed-$(subst =,_,$(subst >,_,$(TORCH_SPEC)))
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install quickstart test test-fast lint data bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+quickstart: install
+	$(VENV)/bin/finetune run recipes/quickstart.yaml run.overwrite=true
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+lint: install
+	$(VENV)/bin/ruff check finetune tests
+
+data: install
+	$(PY) -m finetune.synth --out data/quickstart
+
+clean:
+	rm -rf runs .pytest_cache

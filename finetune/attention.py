@@ -1,0 +1,223 @@
+"""Attention that never crosses sample boundaries in a padding-free (packed) row, without flash-attn.
+
+``enable_packed_attention(model)`` switches a transformers model to the attention implementation
+"finetune_varlen". The engine enables it when it feeds ``collate_flat`` batches (several samples
+concatenated in one row); it is also correct, and plain sdpa, for padded batches and generation.
+
+How it plugs into transformers 5 (read from 5.23's source):
+- ``AttentionInterface.register(name, fn)`` adds ``fn`` to the global table that every model's
+  attention layer looks up with ``config._attn_implementation``; ``fn(module, query, key, value,
+  attention_mask, dropout=, scaling=, **kwargs)`` gets (batch, heads, time, dim) tensors and
+  returns ((batch, time, heads, dim), weights). The model's forward kwargs reach it, so the flat
+  collator's ``cu_seq_lens_q/k`` and ``max_length_q/k`` arrive here, and so does position_ids.
+- ``masking_utils.create_causal_mask`` builds no mask at all for a name missing from
+  ``AttentionMaskInterface`` (it returns None, dropping the padding mask too). So a mask function
+  is registered under the same name: None when there is no padding and no cache (we separate
+  samples ourselves, no dense (time x time) mask is built), else exactly sdpa's mask.
+- ``model.set_attn_implementation(name)`` accepts any registered name and sets it on the config
+  and all sub-configs.
+
+Kernels: on CUDA in bf16/fp16, PyTorch's own FlashAttention varlen kernel
+``torch.nn.attention.varlen.varlen_attn`` (no flash-attn package). Its signature changed between
+torch releases (2.11 has no ``enable_gqa``: KV heads are repeated; ``window_size`` may be missing:
+sliding windows then use the fallback), so it is read with ``inspect``. Elsewhere (CPU, fp32,
+attention dropout) SDPA with a block-diagonal causal mask built from the sequence offsets.
+Not supported in the packed path: attention logit softcapping (Gemma 2) and attention sinks
+(gpt-oss): they raise, use padded batches for those models.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+ATTENTION_NAME = "finetune_varlen"
+
+
+@functools.cache
+def _varlen_kernel():
+    """(varlen_attn, its parameter names), or (None, empty) on a torch without it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def cu_seq_lens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 offsets of the samples in the flattened (batch * time) tokens.
+
+    A sample starts at every row start and wherever the position does not continue the previous
+    one (the rule transformers' ``find_packed_sequence_indices`` uses).
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    offsets = starts.reshape(-1).nonzero().squeeze(1)
+    end = torch.tensor([position_ids.numel()], device=offsets.device, dtype=offsets.dtype)
+    return torch.cat([offsets, end]).to(torch.int32)
+
+
+def _segments(query, cu_seq_lens_q, max_length_q, position_ids) -> tuple[torch.Tensor, int]:
+    """Sample offsets over the flattened tokens and the longest sample, from what the model got."""
+    batch, _, time, _ = query.shape
+    if cu_seq_lens_q is not None:
+        cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
+        # Checking costs a device sync per layer on CUDA; on CPU it is free and catches misuse.
+        if not query.is_cuda and int(cu[-1]) != batch * time:
+            raise ValueError(f"cu_seq_lens end at {int(cu[-1])} but the batch holds {batch * time} tokens")
+    elif position_ids is not None:
+        cu = cu_seq_lens_from_position_ids(position_ids.expand(batch, time).to(query.device))
+    else:
+        cu = torch.arange(0, batch * time + 1, time, device=query.device, dtype=torch.int32)
+    if max_length_q is None:
+        max_length_q = cu.diff().max()
+    return cu, int(max_length_q)
+
+
+def _block_mask(cu: torch.Tensor, n: int, causal: bool, window: int | None) -> torch.Tensor:
+    """(n, n) bool: True where query i may attend key j (same sample, causal, inside the window)."""
+    sample = torch.repeat_interleave(
+        torch.arange(len(cu) - 1, device=cu.device), cu.diff().long(), output_size=n
+    )
+    allowed = sample[:, None] == sample[None, :]
+    pos = torch.arange(n, device=cu.device)
+    distance = pos[:, None] - pos[None, :]
+    if causal:
+        allowed &= distance >= 0
+    if window is not None:
+        # transformers' sliding_window_overlay: kv_idx > q_idx - window
+        allowed &= distance.abs() < window
+    return allowed
+
+
+def _masked_sdpa(query, key, value, cu, causal, window, dropout, scaling) -> torch.Tensor:
+    """Fallback: every token of the batch in one SDPA call with a block-diagonal mask."""
+    batch, heads, time, _ = query.shape
+
+    def flat(t):  # (batch, heads, time, d) -> (1, heads, batch * time, d)
+        return t.transpose(0, 1).reshape(1, t.shape[1], batch * time, t.shape[-1])
+
+    mask = _block_mask(cu, batch * time, causal, window)
+    out = F.scaled_dot_product_attention(
+        flat(query), flat(key), flat(value), attn_mask=mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.reshape(heads, batch, time, -1).permute(1, 2, 0, 3)
+
+
+def _flash_varlen(query, key, value, cu, max_len, causal, window, scaling) -> torch.Tensor:
+    """PyTorch core FlashAttention over the flattened tokens, samples delimited by cu."""
+    kernel, params = _varlen_kernel()
+    batch, heads, time, _ = query.shape
+
+    def flat(t):  # (batch, heads, time, d) -> (batch * time, heads, d)
+        return t.transpose(1, 2).reshape(batch * time, t.shape[1], t.shape[-1])
+
+    q, k, v = flat(query), flat(key), flat(value)
+    kwargs = {"scale": scaling}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # torch 2.11: query head h reads KV head h // n_rep, as transformers' repeat_kv
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    if "window_size" in params:
+        left = -1 if window is None else window - 1
+        kwargs["window_size"] = (left, 0 if causal else left)
+    else:
+        kwargs["is_causal"] = causal
+    out = kernel(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    return out.reshape(batch, time, heads, -1)
+
+
+def _can_use_flash(query, value, dropout, window) -> bool:
+    kernel, params = _varlen_kernel()
+    return (
+        kernel is not None
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0  # the varlen kernel has no dropout
+        and max(query.shape[-1], value.shape[-1]) <= 256
+        and (window is None or "window_size" in params)
+    )
+
+
+def packed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The registered attention function: varlen over samples, or sdpa when a mask is given."""
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        # A padded batch, or decoding against a cache: exactly sdpa (the mask carries everything).
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            is_causal=is_causal, **kwargs,
+        )
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(f"{ATTENTION_NAME} supports neither attention softcapping nor sinks; "
+                         "train this model with padded batches (packing off)")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    cu, max_len = _segments(query, cu_seq_lens_q, max_length_q, position_ids)
+    if _can_use_flash(query, value, dropout, sliding_window):
+        out = _flash_varlen(query, key, value, cu, max_len, causal, sliding_window, scaling)
+    else:
+        out = _masked_sdpa(query, key, value, cu, causal, sliding_window, dropout, scaling)
+    return out.contiguous(), None
+
+
+def packed_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask builder registered beside the attention: None lets the attention split samples itself.
+
+    With padding or a non-empty cache it returns sdpa's mask, so those cases stay plain sdpa.
+    """
+    no_cache = q_length == kv_length and int(q_offset) == 0 and int(kv_offset) == 0
+    if attention_mask is None and no_cache:
+        return None
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+    )
+
+
+def register_packed_attention() -> str:
+    """Register "finetune_varlen" with transformers (idempotent); returns the name."""
+    AttentionInterface.register(ATTENTION_NAME, packed_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, packed_attention_mask)
+    return ATTENTION_NAME
+
+
+def enable_packed_attention(model):
+    """Make ``model`` (a transformers model, PEFT-wrapped or not) use "finetune_varlen"; returns it.
+
+    Needed whenever the model sees ``collate_flat`` batches, unless it already uses
+    flash_attention_2/3 (which read the same cu_seq_lens). Harmless for padded batches.
+    """
+    register_packed_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model

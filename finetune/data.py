@@ -1,0 +1,165 @@
+"""Data: read rows from local files or the Hub, check them against the declared format.
+
+A source is a local file, directory or glob (jsonl, json, parquet, csv, txt) or a Hub dataset id
+(loaded through `datasets`, with subset/split/revision). Every row keeps its origin
+("file:line" or "dataset[split]:row") so an error deep in a dataset names the exact row.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import DataError
+from finetune.recipe import DataSource
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+
+
+@dataclass
+class Row:
+    data: dict
+    origin: str  # "data/x.jsonl:12" — for error messages
+
+
+def source_files(src: DataSource, key: str) -> list[Path] | None:
+    """The local files of a source, or None when it is a Hub dataset id."""
+    p = Path(src.path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file())
+        if not files:
+            raise DataError(f"{key}: directory {p} holds no {'/'.join(SUFFIXES)} files")
+        return files
+    if any(ch in src.path for ch in "*?["):
+        files = sorted(f for f in Path().glob(src.path) if f.is_file())
+        if not files:
+            raise DataError(f"{key}: no files match {src.path!r}")
+        return files
+    return None
+
+
+def read_source(src: DataSource, key: str, seed: int = 0) -> list[Row]:
+    """All rows of one source (after max_samples), in file order."""
+    files = source_files(src, key)
+    rows: list[Row] = []
+    if files is None:
+        rows = _read_hub(src, key)
+    else:
+        for f in files:
+            rows.extend(_read_file(f, src.format))
+    if not rows:
+        raise DataError(f"{key}: {src.path} holds no rows")
+    if src.max_samples and len(rows) > src.max_samples:
+        rows = random.Random(seed).sample(rows, src.max_samples)
+    return rows
+
+
+def _read_file(path: Path, fmt: str) -> list[Row]:
+    suffix = path.suffix
+    if suffix == ".txt":
+        return _read_txt(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} style
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        return [_as_row(r, f"{path}[{i}]") for i, r in enumerate(data)]
+    if suffix in (".parquet", ".csv"):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many kinds; one line is enough
+            raise DataError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
+        return [Row(dict(r), f"{path}:row {i}") for i, r in enumerate(ds)]
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)})")
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+            rows.append(_as_row(value, f"{path}:{lineno}"))
+    return rows
+
+
+def _read_txt(path: Path) -> list[Row]:
+    """A .txt file is a sequence of documents separated by blank lines."""
+    text = path.read_text(encoding="utf-8")
+    docs = [d.strip("\n") for d in text.split("\n\n")]
+    rows, line = [], 1
+    for doc in docs:
+        if doc.strip():
+            rows.append(Row({"text": doc}, f"{path}:{line}"))
+        line += doc.count("\n") + 2
+    return rows
+
+
+def _as_row(value, origin: str) -> Row:
+    if not isinstance(value, dict):
+        raise DataError(f"{origin}: expected a JSON object per row, got {type(value).__name__}")
+    return Row(value, origin)
+
+
+def _read_hub(src: DataSource, key: str) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.path, src.subset, split=src.split, revision=src.revision)
+    except Exception as e:  # noqa: BLE001 - offline, missing split, auth: all are user-fixable
+        raise DataError(f"{key}: cannot load Hub dataset {src.path!r} (split {src.split!r}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return [Row(dict(r), f"{src.path}[{src.split}]:row {i}") for i, r in enumerate(ds)]
+
+
+def column(row: Row, src: DataSource, name: str):
+    """A row's value for a logical column, honouring the source's column mapping."""
+    actual = src.columns.get(name, name)
+    if actual not in row.data:
+        present = ", ".join(sorted(map(str, row.data))) or "none"
+        raise DataError(f"{row.origin}: missing column {actual!r} for format {src.format!r} "
+                        f"(present: {present}; map it with columns: {{{name}: <column>}})")
+    return row.data[actual]
+
+
+def read_texts(sources: list[DataSource], key: str, seed: int) -> list[tuple[str, str]]:
+    """(text, origin) for every row of `text`-format sources."""
+    out = []
+    for i, src in enumerate(sources):
+        if src.format != "text":
+            raise DataError(f"{key}.{i}.format: this trainer reads format 'text', got {src.format!r}")
+        for row in read_source(src, f"{key}.{i}.path", seed):
+            text = column(row, src, "text")
+            if not isinstance(text, str):
+                raise DataError(f"{row.origin}: column 'text' must be a string, got {type(text).__name__}")
+            if text.strip():
+                out.append((text, row.origin))
+    if not out:
+        raise DataError(f"{key}: the data sources hold no non-empty text")
+    return out
+
+
+def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split; at least one item on each side."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(items) * fraction)), len(items) - 1)
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

@@ -1,0 +1,325 @@
+"""The supervised training loop, written once for pretrain, SFT, reward and the SFT phase of rs_sft.
+
+Per optimizer step:
+    take grad_accum micro-batches -> count trained tokens over all of them on all ranks ->
+    for each: forward -> loss_sum / global_tokens -> backward (no DDP sync until the last) ->
+    clip -> optimizer step -> scheduler step -> log -> maybe eval / save.
+
+The loss is normalised by the number of trained tokens in the whole optimizer step, across
+accumulation and ranks. A mean of micro-batch means would weight a short sequence's tokens
+more than a long one's (torchtune #2307, the HF grad-accum bug); with this normalisation,
+batch 1 x accumulation 4 gives exactly the gradients of batch 4 x accumulation 1.
+
+Data order is a pure function of (seed, epoch): the stream of micro-batches is indexed, so a
+resumed run continues at exactly the micro-batch where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune import checkpoint
+from finetune.collate import Batch
+from finetune.errors import DataError
+from finetune.losses import count_trained_tokens, token_ce_sum
+from finetune.metrics import MetricsLogger, info
+from finetune.recipe import Recipe, write_recipe
+
+
+def causal_lm_loss_sum(model, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's trained tokens."""
+    logits = model(**batch.model_inputs()).logits
+    return token_ce_sum(logits, batch.labels)
+
+
+@dataclass
+class SupervisedTask:
+    """What a trainer hands the engine: model, data units and the loss."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    train_units: Sequence[dict]
+    collate: Callable[[list[dict]], Batch]
+    eval_units: Sequence[dict] | None = None
+    loss_sum: Callable[[torch.nn.Module, Batch], torch.Tensor] = causal_lm_loss_sum
+    count_tokens: Callable[[Batch], int] = lambda batch: count_trained_tokens(batch.labels)
+    # Extra held-out metrics (e.g. exact-match) computed by the trainer on the unwrapped model.
+    evaluate_extra: Callable[[torch.nn.Module], dict] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class MicroBatchStream:
+    """Deterministic, resumable micro-batch order for one rank.
+
+    Epoch e is a permutation of the units seeded by (seed, e), cut into global batches of
+    micro_batch_size x world units; rank r takes its contiguous slice. A tail shorter than a
+    global batch is dropped each epoch, so every rank sees the same number of micro-batches.
+    """
+
+    def __init__(self, n_units: int, micro_batch_size: int, world: int, rank: int, seed: int,
+                 shuffle: bool) -> None:
+        self.n, self.mbs, self.world, self.rank = n_units, micro_batch_size, world, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.per_epoch = n_units // (micro_batch_size * world)
+        self._perm: tuple[int, list[int]] | None = None
+
+    def indices(self, index: int) -> list[int]:
+        epoch, j = divmod(index, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            order = list(range(self.n))
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                order = torch.randperm(self.n, generator=g).tolist()
+            self._perm = (epoch, order)
+        start = (j * self.world + self.rank) * self.mbs
+        return self._perm[1][start:start + self.mbs]
+
+
+def total_steps(recipe: Recipe, stream: MicroBatchStream) -> int:
+    if recipe.run.max_steps:
+        return recipe.run.max_steps
+    return max(1, math.ceil(recipe.run.epochs * stream.per_epoch / recipe.run.grad_accum))
+
+
+def resolve_precision(recipe: Recipe) -> str:
+    """accelerate's mixed_precision value; `auto` is bf16 where the GPU supports it, else fp32."""
+    p = recipe.run.precision
+    if p == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(p, p)
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    # No weight decay on biases and norm weights (1-D tensors), as in GPT-2/LLaMA recipes.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if o.name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
+
+
+def build_scheduler(recipe: Recipe, optimizer, steps: int):
+    from transformers import get_scheduler
+
+    o = recipe.optim
+    warmup = o.warmup_steps or math.ceil(o.warmup_ratio * steps)
+    return get_scheduler(o.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+
+def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: Path | None = None) -> Path:
+    """Runs the supervised loop to the end; returns <output_dir>/final."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(recipe.run.output_dir)
+    run = recipe.run
+    accelerator = accelerator or Accelerator(
+        mixed_precision=resolve_precision(recipe), log_with=run.report_to or None, project_dir=str(out)
+    )
+    set_seed(run.seed)
+    stream = MicroBatchStream(len(task.train_units), run.micro_batch_size, accelerator.num_processes,
+                              accelerator.process_index, run.seed, recipe.data.shuffle)
+    if stream.per_epoch == 0:
+        raise DataError(f"data.train: {len(task.train_units)} training units is fewer than one global batch "
+                        f"(run.micro_batch_size {run.micro_batch_size} x {accelerator.num_processes} processes)")
+    steps = total_steps(recipe, stream)
+    optimizer = build_optimizer(recipe, task.model)
+    scheduler = build_scheduler(recipe, optimizer, steps)
+    model, optimizer = accelerator.prepare(task.model, optimizer)
+
+    state = {"step": 0, "micro_index": 0, "tokens_seen": 0}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_recipe(recipe, out / "recipe.yaml")
+        checkpoint.remove_partial_checkpoints(out)
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        info(f"resumed from {resume_from} at step {state['step']}", accelerator)
+    if run.report_to:
+        accelerator.init_trackers(out.name, config=_flat_config(recipe))
+
+    logger = MetricsLogger(out, steps, state["step"], accelerator)
+    model.train()
+    window = _Window(accelerator.device)
+    try:
+        while state["step"] < steps:
+            micro = [_next_batch(task, stream, state, accelerator.device) for _ in range(run.grad_accum)]
+            step_tokens = _global_sum(accelerator, sum(task.count_tokens(b) for b in micro))
+            if step_tokens == 0:
+                raise DataError(f"step {state['step'] + 1}: no trained tokens in the whole optimizer step")
+            for i, batch in enumerate(micro):
+                # DDP all-reduces gradients only on the last micro-batch of the step.
+                sync = i == len(micro) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss_sum = task.loss_sum(model, batch)
+                    # DDP averages over ranks; x num_processes turns that into the global token mean.
+                    accelerator.backward(loss_sum * accelerator.num_processes / step_tokens)
+                window.add(loss_sum.detach(), task.count_tokens(batch), batch.num_tokens)
+            grad_norm = None
+            if recipe.optim.max_grad_norm:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            window.grad_norm = grad_norm
+            _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, steps, stream,
+                        logger, window)
+        final = save_final(accelerator, model, task.tokenizer, out)
+    finally:
+        logger.close()
+    if run.sample_prompts and accelerator.is_main_process:
+        print_samples(accelerator.unwrap_model(model), task.tokenizer, run.sample_prompts,
+                      run.sample_max_new_tokens)
+    accelerator.end_training()
+    return final
+
+
+def _next_batch(task: SupervisedTask, stream: MicroBatchStream, state: dict, device) -> Batch:
+    units = [task.train_units[i] for i in stream.indices(state["micro_index"])]
+    state["micro_index"] += 1
+    return task.collate(units).to(device)
+
+
+class _Window:
+    """Loss and token sums since the last log line, kept on device to avoid a sync per step."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.reset()
+        self.grad_norm = None
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.trained = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, trained: int, tokens: int) -> None:
+        self.loss += loss_sum.double()
+        self.trained += trained
+        self.tokens += tokens
+
+
+def _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, steps, stream,
+                logger, window) -> None:
+    run = recipe.run
+    step = state["step"]
+    last = step == steps
+    if step % run.log_every == 0 or last:
+        loss = _global_sum(accelerator, window.loss)
+        trained = _global_sum(accelerator, window.trained)
+        tokens = _global_sum(accelerator, window.tokens)
+        state["tokens_seen"] += tokens
+        elapsed = time.perf_counter() - window.start
+        record = {
+            "step": step, "epoch": round(state["micro_index"] / stream.per_epoch, 4),
+            "loss": float(loss) / max(trained, 1), "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(window.grad_norm) if window.grad_norm is not None else None,
+            "tokens": state["tokens_seen"], "tokens_per_s": tokens / max(elapsed, 1e-9),
+        }
+        logger.log(record)
+        window.reset()
+    else:
+        logger.advance(step)
+    if task.eval_units and ((run.eval_every and step % run.eval_every == 0) or last):
+        logger.log({"step": step, **evaluate(recipe, task, model, accelerator)})
+        model.train()
+    if run.save_every and step % run.save_every == 0 and not last:
+        checkpoint.save_checkpoint(accelerator, Path(run.output_dir), step, model, optimizer, scheduler,
+                                   dict(state), run.keep_last, task.tokenizer)
+
+
+@torch.no_grad()
+def evaluate(recipe: Recipe, task: SupervisedTask, model, accelerator) -> dict:
+    """Held-out token-mean loss (and perplexity) over all ranks, plus the trainer's extras."""
+    model.eval()
+    units = list(task.eval_units)[accelerator.process_index::accelerator.num_processes]
+    mbs = recipe.run.micro_batch_size
+    loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    trained = 0
+    for n, start in enumerate(range(0, len(units), mbs)):
+        if recipe.run.eval_batches and n >= recipe.run.eval_batches:
+            break
+        batch = task.collate(units[start:start + mbs]).to(accelerator.device)
+        loss += task.loss_sum(model, batch).double()
+        trained += task.count_tokens(batch)
+    total = float(_global_sum(accelerator, loss)) / max(_global_sum(accelerator, trained), 1)
+    result = {"eval_loss": total, "eval_ppl": math.exp(min(total, 50.0))}
+    if task.evaluate_extra is not None:
+        result.update(task.evaluate_extra(accelerator.unwrap_model(model)))
+    return result
+
+
+def save_final(accelerator, model, tokenizer, out: Path) -> Path:
+    """final/: save_pretrained output (full model or adapter) and the tokenizer, atomically."""
+    final, tmp = out / "final", out / ".tmp-final"
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@torch.no_grad()
+def print_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions of raw-text prompts, printed to show what the model learned."""
+    model.eval()
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+        gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        outputs.append(text)
+        info(f"  {prompt!r} -> {text!r}")
+    return outputs
+
+
+def _global_sum(accelerator, value):
+    """Sum of a Python number or tensor over ranks (returned as the same kind)."""
+    if accelerator.num_processes == 1:
+        return value
+    is_tensor = torch.is_tensor(value)
+    t = value if is_tensor else torch.tensor(value, device=accelerator.device, dtype=torch.float64)
+    t = accelerator.reduce(t.clone(), reduction="sum")
+    return t if is_tensor else int(t.item()) if isinstance(value, int) else float(t.item())
+
+
+def _flat_config(recipe: Recipe) -> dict:
+    from finetune.recipe import recipe_to_dict
+
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", recipe_to_dict(recipe))
+    return flat

@@ -1,0 +1,437 @@
+"""The typed recipe: schema, YAML loading with line numbers, dotted overrides, validation.
+
+A recipe is YAML with the fixed top-level sections of DESIGN.md (model, tokenizer, data, adapter,
+trainer, optim, run, launch). Every error names the file, the line and the dotted key, with a
+"did you mean" for misspelt keys, and is raised as ``RecipeError`` (exit code 2 in the CLI).
+
+This module must not import torch: ``finetune validate`` runs in a second without it.
+Relative paths in a recipe (data, templates, local models, output_dir) are relative to the
+current working directory, as with every peer tool, so a resolved recipe reruns as is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from finetune.errors import RecipeError
+
+TRAINER_TYPES = ("pretrain", "sft", "reward", "rs_sft", "ppo")
+DATA_FORMATS = ("text", "messages", "prompt_completion", "sharegpt", "alpaca", "preference", "prompts")
+
+
+class Section(BaseModel):
+    # Unknown keys are errors (typos must not be silently ignored); values are validated on
+    # assignment too, so overrides applied later are checked the same way.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(Section):
+    name: str | None = None
+    init_config: dict[str, Any] | str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantize: Literal["4bit", "8bit"] | None = None
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelCfg:
+        if (self.name is None) == (self.init_config is None):
+            raise ValueError("set exactly one of model.name (Hub id or local dir) or model.init_config")
+        return self
+
+
+class TokenizerTrainCfg(Section):
+    vocab_size: int = Field(1024, gt=0)
+    min_frequency: int = Field(2, ge=1)
+
+
+class TokenizerCfg(Section):
+    name: str | None = None
+    chat_template: str = "auto"
+    max_length: int = Field(2048, gt=0)
+    overflow: Literal["truncate", "drop"] = "truncate"
+    train: TokenizerTrainCfg | None = None
+
+
+class DataSource(Section):
+    path: str
+    format: Literal[DATA_FORMATS] = "text"  # type: ignore[valid-type]
+    columns: dict[str, str] = Field(default_factory=dict)
+    weight: float = Field(1.0, gt=0)
+    split: str = "train"
+    subset: str | None = None
+    revision: str | None = None
+    max_samples: int | None = Field(None, gt=0)
+
+
+class DataCfg(Section):
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] | None = None
+    eval_fraction: float | None = Field(None, gt=0, lt=1)
+    packing: bool = False
+    shuffle: bool = True
+
+
+class AdapterCfg(Section):
+    type: Literal["lora"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+class TrainerCfg(Section):
+    type: Literal[TRAINER_TYPES]  # type: ignore[valid-type]
+    train_on: Literal["assistant", "last_assistant", "completion", "all"] = "assistant"
+
+
+class OptimCfg(Section):
+    name: Literal["adamw", "adamw_8bit"] = "adamw"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    scheduler: str = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class RunCfg(Section):
+    output_dir: str
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = 42
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    eval_batches: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    resume: str = "auto"
+    overwrite: bool = False
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    sample_prompts: list[str] = Field(default_factory=list)
+    sample_max_new_tokens: int = Field(32, gt=0)
+
+
+class LaunchCfg(Section):
+    num_processes: int = Field(1, gt=0)
+
+
+class Recipe(Section):
+    model: ModelCfg
+    tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg)
+    data: DataCfg
+    adapter: AdapterCfg | None = None
+    trainer: TrainerCfg
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    run: RunCfg
+    launch: LaunchCfg = Field(default_factory=LaunchCfg)
+
+    # Where the recipe came from: used in messages only, never written back.
+    _source: str = "<recipe>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Lines:
+    """Maps dotted key paths to 'file:line' (or the override that set them) for messages."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.where: dict[tuple, str] = {}
+
+    def of(self, loc: tuple) -> str:
+        # The closest located ancestor: a missing key is reported at its parent mapping.
+        for n in range(len(loc), -1, -1):
+            if tuple(loc[:n]) in self.where:
+                return self.where[tuple(loc[:n])]
+        return self.source
+
+
+def _record_lines(node: yaml.Node, path: tuple, lines: _Lines) -> None:
+    lines.where[path] = f"{lines.source}:{node.start_mark.line + 1}"
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            lines.where[path + (key.value,)] = f"{lines.source}:{key.start_mark.line + 1}"
+            _record_lines(value, path + (key.value,), lines)
+            lines.where[path + (key.value,)] = f"{lines.source}:{key.start_mark.line + 1}"
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _record_lines(item, path + (i,), lines)
+
+
+def _parse_yaml(text: str, source: str) -> tuple[dict, _Lines]:
+    lines = _Lines(source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        raise RecipeError(f"{source}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping of sections (model, data, trainer, run ...)")
+    _record_lines(node, (), lines)
+    return data, lines
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Reads a recipe file, applies `key=value` overrides and validates the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read recipe: {e}") from None
+    data, lines = _parse_yaml(text, str(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        _check_key_path(key, lines.of(()), f"override {item!r}")
+        _set_dotted(data, key, value, f"override {item!r}")
+        lines.where[tuple(_split_key(key))] = f"override {item!r}"
+    recipe = _validate(data, lines)
+    recipe._source = str(path)
+    return recipe
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    """Validates an in-memory recipe (tests, pipelines)."""
+    recipe = _validate(data, _Lines(source))
+    recipe._source = source
+    return recipe
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise RecipeError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-4")
+    key, raw = item.split("=", 1)
+    try:
+        # YAML typing gives 1e-4 -> str (coerced by the schema), 20 -> int, null -> None, [a, b] -> list.
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _split_key(key: str) -> list:
+    return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def _check_key_path(key: str, where: str, what: str) -> None:
+    """Rejects override keys that the schema does not know, before anything is set."""
+    model: Any = Recipe
+    parts = _split_key(key)
+    for i, part in enumerate(parts):
+        if model is None:  # inside a free-form dict (e.g. model.init_config): anything goes
+            return
+        if isinstance(part, int):
+            continue
+        fields = model.model_fields
+        if part not in fields:
+            prefix = ".".join(str(p) for p in parts[:i])
+            raise RecipeError(f"{what}: unknown key {key!r}{_did_you_mean(part, fields, prefix)}")
+        model = _section_type(fields[part].annotation)
+
+
+def _section_type(annotation: Any) -> type[Section] | None:
+    """The Section class inside an annotation such as `AdapterCfg | None` or `list[DataSource]`."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _set_dotted(data: dict, key: str, value: Any, what: str) -> None:
+    parts = _split_key(key)
+    node: Any = data
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise RecipeError(f"{what}: index {part} out of range")
+            node = node[part]
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise RecipeError(f"{what}: index {last} out of range")
+    node[last] = value
+
+
+def _did_you_mean(word: str, candidates, prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    full = f"{prefix}.{close[0]}" if prefix else close[0]
+    return f" (did you mean {full!r}?)"
+
+
+def _validate(data: dict, lines: _Lines) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        first = _describe(errors[0], lines)
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise RecipeError(first + more) from None
+
+
+def _describe(err: dict, lines: _Lines) -> str:
+    loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+    dotted = ".".join(str(p) for p in loc) or "<top level>"
+    where = lines.of(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _section_at(loc[:-1])
+        names = parent.model_fields if parent else ()
+        prefix = ".".join(str(p) for p in loc[:-1])
+        return f"{where}: unknown key {dotted!r}{_did_you_mean(loc[-1], names, prefix)}"
+    if kind == "missing":
+        return f"{where}: missing required key {dotted!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    return f"{where}: {dotted}: {msg}{shown}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic inserts the member type name for unions, e.g. ('model', 'init_config', 'dict[str,any]').
+    return isinstance(part, str) and (
+        "[" in part or part in {"str", "int", "float", "bool", "none"} or part.startswith("function-")
+    )
+
+
+def _section_at(loc: tuple) -> type[Section] | None:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        model = _section_type(model.model_fields[part].annotation)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantic checks that need the file system but no torch
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and not name.startswith((".", "/")) and ".." not in name
+
+
+def check_model_ref(name: str, key: str) -> None:
+    """A model reference must be an existing local dir or a syntactically valid Hub id."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise RecipeError(f"{key}: {name!r} is a file; expected a model directory or a Hub id")
+        return
+    if not looks_like_hub_id(name):
+        raise RecipeError(f"{key}: {name!r} is neither an existing local directory nor a Hub id (org/name)")
+
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """Checks that need the file system; returns notes for the user. Raises RecipeError."""
+    notes: list[str] = []
+    if recipe.model.name is not None:
+        check_model_ref(recipe.model.name, "model.name")
+    if recipe.tokenizer.name is not None:
+        check_model_ref(recipe.tokenizer.name, "tokenizer.name")
+    if isinstance(recipe.model.init_config, str):
+        cfg = Path(recipe.model.init_config)
+        if not cfg.exists():
+            raise RecipeError(f"model.init_config: {cfg} not found (a config.json file, a model dir or a dict)")
+    if recipe.model.init_config is not None and recipe.tokenizer.name is None and recipe.tokenizer.train is None:
+        raise RecipeError(
+            "tokenizer: a model built from model.init_config needs tokenizer.name or tokenizer.train "
+            "(train a byte-level BPE tokenizer on the training text)"
+        )
+    for section in ("train", "eval"):
+        for i, src in enumerate(getattr(recipe.data, section) or []):
+            _check_source(src, f"data.{section}.{i}.path")
+    if recipe.data.eval and recipe.data.eval_fraction:
+        raise RecipeError("data: set either data.eval (sources) or data.eval_fraction, not both")
+    if recipe.run.resume not in ("auto", "never") and not Path(recipe.run.resume).is_dir():
+        raise RecipeError(f"run.resume: {recipe.run.resume!r} is not 'auto', 'never' or a checkpoint directory")
+    if recipe.model.trust_remote_code:
+        notes.append("model.trust_remote_code is on: code from the model repository will run")
+    return notes
+
+
+def _check_source(src: DataSource, key: str) -> None:
+    p = Path(src.path).expanduser()
+    if p.exists() or any(ch in src.path for ch in "*?["):
+        if not p.exists() and not sorted(Path().glob(src.path)):
+            raise RecipeError(f"{key}: no files match {src.path!r}")
+        return
+    if src.path.endswith((".jsonl", ".json", ".txt", ".parquet", ".csv")) or not looks_like_hub_id(src.path):
+        raise RecipeError(f"{key}: data file {src.path!r} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return recipe.model_dump(mode="json", exclude_none=False)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False)
+
+
+def write_recipe(recipe: Recipe, path: Path) -> None:
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_recipe(recipe), encoding="utf-8")
+    tmp.replace(path)
+
+
+# Keys that may change between a run and its resumption: they do not change what is trained.
+RESUME_MUTABLE = {
+    ("run", "max_steps"), ("run", "epochs"), ("run", "log_every"), ("run", "eval_every"),
+    ("run", "save_every"), ("run", "keep_last"), ("run", "resume"), ("run", "overwrite"), ("run", "report_to"),
+    ("run", "sample_prompts"), ("run", "sample_max_new_tokens"), ("run", "eval_batches"),
+    ("launch",),
+}
+
+
+def recipe_differences(old: dict, new: dict, path: tuple = ()) -> list[str]:
+    """Dotted keys whose values differ in a way that makes resuming a different run."""
+    if any(path[: len(m)] == m for m in RESUME_MUTABLE):
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        diffs = []
+        for key in sorted(set(old) | set(new), key=str):
+            diffs += recipe_differences(old.get(key), new.get(key), path + (key,))
+        return diffs
+    return [] if old == new else [".".join(map(str, path))]

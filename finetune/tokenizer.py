@@ -1,0 +1,482 @@
+"""Tokenizers and chat templates: the only module that knows how conversations become tokens.
+
+Template choice: ``resolve_chat_template`` turns the recipe's ``tokenizer.chat_template`` (auto | a
+built-in name | a ``.jinja`` path | inline Jinja) into template text; built-ins live in
+``finetune/templates/NAME.jinja``.
+
+Masks (``encode_chat``) work for any template, with or without ``{% generation %}`` markers. The
+conversation is rendered once in full and tokenized with offset mappings. For each assistant turn
+``i`` we render the prefix ``messages[:i]`` with ``add_generation_prompt=True`` (what the model
+sees at inference time) and ``messages[:i+1]`` (the turn closed); the trained character span runs
+from the end of the first to the end of the second. Both renderings must be string prefixes of the
+full rendering; when one is not, the template is not prefix-stable (it drops reasoning from earlier
+turns, or its generation prompt differs from how it renders history) and no span is trustworthy,
+so we fall back to the template's ``{% generation %}`` blocks or raise ``TemplateError``. Character
+spans become token labels through the offsets.
+
+Conventions (tests pin each one):
+- Labels are aligned with ``input_ids`` (no shift; the loss shifts); -100 marks untrained tokens.
+- Trained: the assistant's content, tool calls and the end-of-turn text that closes the turn
+  (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ``<end_of_turn>``, ``<|end|>``...), so the model learns to stop.
+  Not trained: the generation-prompt header and every non-assistant message, tool results included.
+- Whitespace between header and content is trained only when the inference-time generation prompt
+  does not already contain it (ChatML's and Llama-3's header newlines are part of the prompt).
+  Whitespace after a closing special token is never trained: generation stops at that token.
+- A token that straddles a span boundary is trained if any of its characters is inside the span.
+- In marker fallback the template's blocks decide, minus leading whitespace and whitespace after a
+  closing special token, as above.
+- Masks come from spans and lengths, never from ``ids == pad_id``; see ``ensure_pad_token``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import DataError, TemplateError
+
+IGNORE_INDEX = -100
+DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
+ROLES = ("system", "user", "assistant", "tool")
+TRAIN_ON = ("assistant", "last_assistant", "completion", "all")
+OVERFLOW = ("truncate", "drop")
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+# Special tokens a built-in template writes; added to a tokenizer that lacks them.
+BUILTIN_TEMPLATE_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>")}
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+# ---------------------------------------------------------------- tokenizer from scratch
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    chat_template: str | None = None,
+    *,
+    bos_token: str = "<|endoftext|>",
+    eos_token: str = "<|endoftext|>",
+    pad_token: str = "<|pad|>",
+):
+    """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a transformers fast tokenizer.
+
+    Byte-level means no unknown tokens and exact decoding. ``chat_template`` is any spec that
+    ``resolve_chat_template`` accepts except "auto" (e.g. "chatml").
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(dict.fromkeys([bos_token, eos_token, pad_token, *special_tokens]))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(alphabet)} bytes + {len(specials)} specials")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # trim_offsets=False: offsets must cover whitespace exactly, masks are built from them.
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator(texts, trainer)
+    named = {bos_token, eos_token, pad_token}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        extra_special_tokens=[t for t in specials if t not in named],
+        clean_up_tokenization_spaces=False,
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+    return tokenizer
+
+
+# ---------------------------------------------------------------- template choice
+
+
+def builtin_templates() -> list[str]:
+    """Names accepted as built-in templates (files in finetune/templates/)."""
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
+def resolve_chat_template(tokenizer, spec: str, base_dir: Path | None = None) -> str:
+    """Template text for ``spec``: "auto", a built-in name, a ``.jinja`` path or inline Jinja."""
+    if spec == "auto":
+        template = _own_template(tokenizer)
+    elif "{%" in spec or "{{" in spec:
+        template = spec
+    elif spec.endswith(".jinja"):
+        path = Path(spec) if base_dir is None else Path(base_dir) / spec
+        if not path.is_file():
+            raise TemplateError(f"chat template file not found: {path}")
+        template = path.read_text(encoding="utf-8")
+    elif spec in builtin_templates():
+        template = (TEMPLATES_DIR / f"{spec}.jinja").read_text(encoding="utf-8")
+    else:
+        close = difflib.get_close_matches(spec, builtin_templates(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TemplateError(
+            f"unknown chat template {spec!r}{hint}: use auto, a built-in name "
+            f"({', '.join(builtin_templates())}), a path ending in .jinja, or inline Jinja"
+        )
+    _check_compiles(template, spec)
+    return template
+
+
+def _own_template(tokenizer) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the unnamed one is "default"
+        template = template.get("default")
+    if not template:
+        raise TemplateError(
+            "the tokenizer has no chat template; set tokenizer.chat_template: chatml "
+            "(or a .jinja path, or inline Jinja)"
+        )
+    return template
+
+
+def _check_compiles(template: str, spec: str) -> None:
+    """Fail at template choice, not at the first sample, on a Jinja syntax error."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as exc:
+        name = spec if len(spec) < 60 and "\n" not in spec else "inline template"
+        raise TemplateError(f"chat template {name}: Jinja syntax error line {exc.lineno}: {exc.message}") from None
+
+
+def apply_chat_template_choice(tokenizer, spec: str, base_dir: Path | None = None) -> list[str]:
+    """Set the chosen template on ``tokenizer``; return the special tokens added (resize embeddings)."""
+    tokenizer.chat_template = resolve_chat_template(tokenizer, spec, base_dir)
+    from tokenizers import AddedToken
+
+    needed = BUILTIN_TEMPLATE_TOKENS.get(spec, ())
+    # A token in the vocab but not registered as added would be split into pieces: register it
+    # too, but only report the ones that got new ids.
+    unregistered = [t for t in needed if t not in tokenizer.get_added_vocab()]
+    new = [t for t in unregistered if t not in tokenizer.get_vocab()]
+    if unregistered:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in unregistered], special_tokens=True)
+    return new
+
+
+# ---------------------------------------------------------------- pad policy
+
+
+def ensure_pad_token(tokenizer) -> str:
+    """Make sure a pad token exists; return what was done, in a few words.
+
+    A missing pad gets its own "<|pad|>" token, never eos: a collator that masks ``ids == pad_id``
+    would then drop the real EOS from the loss. (Our masks come from lengths, so an existing
+    pad == eos is harmless here and left alone: changing it would change the vocab.)
+    """
+    if tokenizer.pad_token is not None:
+        note = " (same as eos; harmless: masks come from lengths)" if tokenizer.pad_token == tokenizer.eos_token else ""
+        return f"pad token {tokenizer.pad_token!r} already set{note}"
+    existed = "<|pad|>" in tokenizer.get_vocab()
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    if existed:
+        return f"pad token set to existing '<|pad|>' (id {tokenizer.pad_token_id})"
+    return f"added pad token '<|pad|>' (id {tokenizer.pad_token_id}); resize the embeddings"
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_text(tokenizer, text: str, add_eos: bool = True) -> list[int]:
+    """Token ids of a pretraining document; EOS appended so documents stay separated when packed."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise TemplateError("the tokenizer has no eos_token; documents cannot be separated")
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def validate_messages(messages: Any, train_on: str = "assistant", index: int | None = None) -> None:
+    """Raise DataError, naming the sample, for a conversation that cannot be encoded."""
+    where = _where(index)
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}empty conversation (expected a non-empty list of messages)")
+    for pos, message in enumerate(messages):
+        _validate_message(message, f"{where}message {pos}: ")
+    if train_on == "all":
+        return
+    if not _selected_turns(messages, train_on):
+        need = "after the last user message" if train_on == "completion" else "after a prompt"
+        raise DataError(f"{where}no assistant message {need} to train on (train_on: {train_on})")
+
+
+def _validate_message(message: Any, where: str) -> None:
+    if not isinstance(message, dict):
+        raise DataError(f"{where}expected a dict with role and content, got {type(message).__name__}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise DataError(f"{where}unknown role {role!r} (allowed: {', '.join(ROLES)})")
+    content = message.get("content")
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
+        raise DataError(f"{where}tool_calls must be a list on an assistant message")
+    if role == "assistant" and tool_calls:
+        return  # a pure tool-call turn may have empty or no content
+    if content is None:
+        raise DataError(f"{where}{role} message has no content")
+    if not isinstance(content, (str, list)):
+        raise DataError(f"{where}content must be a string or a list of parts, got {type(content).__name__}")
+    if role in ("user", "assistant") and not (content.strip() if isinstance(content, str) else content):
+        raise DataError(f"{where}{role} message has empty content")
+
+
+def _where(index: int | None) -> str:
+    return "" if index is None else f"sample {index}: "
+
+
+def _selected_turns(messages: list[dict], train_on: str) -> list[int]:
+    """Indexes of the assistant messages ``train_on`` trains.
+
+    A message at index 0 has no prompt before it to split at (and transformers cannot render an
+    empty conversation), so it is context, never trained. "completion" trains every assistant
+    message after the last user/system one: for prompt/completion data that is the completion.
+    """
+    turns = [i for i, m in enumerate(messages) if i > 0 and m.get("role") == "assistant"]
+    if train_on == "last_assistant":
+        return turns[-1:]
+    if train_on == "completion":
+        last_prompt = max((i for i, m in enumerate(messages) if m.get("role") in ("user", "system")), default=-1)
+        return [i for i in turns if i > last_prompt]
+    return turns
+
+
+def encode_chat(
+    tokenizer,
+    messages: list[dict],
+    train_on: str = "assistant",
+    max_length: int | None = None,
+    overflow: str = "truncate",
+    tools: list | None = None,
+    index: int | None = None,
+) -> dict | None:
+    """Encode a conversation: {"input_ids", "labels", "truncated"}, or None when dropped.
+
+    ``labels`` equals ``input_ids`` on trained tokens, -100 elsewhere. Overlong samples are cut to
+    ``max_length`` keeping the start (``truncated`` is then True; the cut may leave no trained token
+    — the caller counts labels) or, with ``overflow="drop"``, dropped (None).
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
+    validate_messages(messages, train_on, index)
+    full = _render(tokenizer, messages, tools, index=index)
+    ids, offsets = _tokenize_with_offsets(tokenizer, full)
+    if train_on == "all":
+        labels = list(ids)
+    else:
+        spans = _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, index)
+        labels = _labels_from_spans(ids, offsets, spans)
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated and overflow == "drop":
+        return None
+    if truncated:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+
+def _render(tokenizer, messages: list[dict], tools, prompt: bool = False, index: int | None = None) -> str:
+    """Render as text; the template's own errors (e.g. roles must alternate) become TemplateError."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=prompt)
+    except Exception as exc:  # jinja2 raise_exception, UndefinedError, TypeError on odd data...
+        raise TemplateError(f"{_where(index)}chat template failed to render: {exc}".splitlines()[0]) from None
+
+
+def _tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError("encode_chat needs a fast tokenizer (offset mappings); this one is slow")
+    # add_special_tokens=False: the template writes BOS itself, exactly as apply_chat_template does.
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Characters [start, end) of the full rendering trained for one assistant message."""
+
+    message: int | None  # index into messages; None when markers could not be attributed
+    start: int
+    end: int
+
+
+def _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, index) -> list[_Span]:
+    wanted = _selected_turns(messages, train_on)
+    spans, problem = _prefix_spans(tokenizer, messages, wanted, tools, full, index)
+    if problem is None:
+        return spans
+    template = _own_template(tokenizer)
+    if not _GENERATION_TAG.search(template):
+        raise TemplateError(
+            f"{_where(index)}chat template is not prefix-stable: {problem}; masks would be wrong. "
+            "Use a template with {% generation %} markers or tokenizer.chat_template: chatml"
+        )
+    marked = _marker_spans(tokenizer, messages, tools, full, ids, offsets, index)
+    if train_on == "assistant":
+        return marked
+    if any(s.message is None for s in marked):
+        raise TemplateError(
+            f"{_where(index)}chat template is not prefix-stable ({problem}) and its generation blocks "
+            f"cannot be matched to messages, so train_on: {train_on} is impossible; use train_on: assistant"
+        )
+    return [s for s in marked if s.message in wanted]
+
+
+def _prefix_spans(tokenizer, messages, wanted, tools, full, index) -> tuple[list[_Span], str | None]:
+    """Spans from prefix renderings, or (partial, reason) when the template is not prefix-stable."""
+    eos = tokenizer.eos_token or ""
+    closers = _special_strings(tokenizer)
+    spans = []
+    for i in wanted:
+        prompt = _render(tokenizer, messages[:i], tools, prompt=True, index=index)
+        if not full.startswith(prompt):
+            return spans, f"the generation prompt before message {i} differs from the history ({_divergence(prompt, full)})"
+        closed = _render(tokenizer, messages[:i + 1], tools, index=index)
+        end = _closed_end(closed, full, eos)
+        if end is None or end <= len(prompt):
+            return spans, f"message {i} renders differently once later messages follow ({_divergence(closed, full)})"
+        spans.append(_Span(i, len(prompt), _trim_closing(full, len(prompt), end, closers)))
+    return spans, None
+
+
+def _closed_end(closed: str, full: str, eos: str) -> int | None:
+    """Where the turn ends in ``full``, given its rendering as the last message."""
+    if full.startswith(closed):
+        return len(closed)
+    # Phi-3 style templates append EOS after the last message only: a turn that is last in the
+    # prefix but not in the conversation carries that extra EOS.
+    if eos and closed.endswith(eos) and full.startswith(closed[: -len(eos)]):
+        return len(closed) - len(eos)
+    return None
+
+
+def _trim_closing(text: str, start: int, end: int, closers: Sequence[str]) -> int:
+    """Drop whitespace after a closing special token: generation stops at the token, never emits it."""
+    stripped = len(text[start:end].rstrip()) + start
+    if stripped > start and any(text.startswith(t, stripped - len(t)) for t in closers if t):
+        return stripped
+    return end
+
+
+def _special_strings(tokenizer) -> list[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return [t.content for t in added.values() if getattr(t, "special", False)] or list(tokenizer.all_special_tokens)
+
+
+def _divergence(a: str, b: str, width: int = 24) -> str:
+    """One-line excerpt where two renderings part ways, for error messages."""
+    k = next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    lo = max(0, k - width)
+    return f"{a[lo:k + width]!r} vs {b[lo:k + width]!r}"
+
+
+def _marker_spans(tokenizer, messages, tools, full, ids, offsets, index) -> list[_Span]:
+    """Spans from the template's ``{% generation %}`` blocks (fallback for unstable templates).
+
+    Blocks separated only by whitespace are one turn (Phi-3 marks the final EOS separately). When
+    the turns number exactly the assistant messages they are attributed in order.
+    """
+    enc = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    mask = list(enc["assistant_masks"])
+    if list(enc["input_ids"]) != ids:
+        raise TemplateError(f"{_where(index)}chat template renders differently with return_assistant_tokens_mask")
+    runs = _runs(mask)
+    chars = [(offsets[a][0], offsets[b - 1][1]) for a, b in runs]
+    merged: list[list[int]] = []
+    for start, end in chars:
+        if merged and not full[merged[-1][1]:start].strip():
+            merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    if not merged:
+        raise TemplateError(f"{_where(index)}chat template's {{% generation %}} blocks mark no assistant text")
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    owners = assistants if len(assistants) == len(merged) else [None] * len(merged)
+    closers = _special_strings(tokenizer)
+    spans = []
+    for owner, (start, end) in zip(owners, merged):
+        start += len(full[start:end]) - len(full[start:end].lstrip())  # the header's newline
+        spans.append(_Span(owner, start, _trim_closing(full, start, end, closers)))
+    return [s for s in spans if s.message != 0]
+
+
+def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of consecutive truthy entries."""
+    runs, start = [], None
+    for k, flag in enumerate([*mask, 0]):
+        if flag and start is None:
+            start = k
+        elif not flag and start is not None:
+            runs.append((start, k))
+            start = None
+    return runs
+
+
+def _labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[_Span]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, (s, e) in enumerate(offsets):
+        for span in spans:
+            inside = span.start <= s < span.end if s == e else s < span.end and e > span.start
+            if inside:
+                labels[k] = ids[k]
+                break
+    return labels
+
+
+# ---------------------------------------------------------------- checks for the data audit
+
+
+def check_generation_prompt(tokenizer, messages: list[dict], tools: list | None = None, index: int | None = None) -> None:
+    """Raise TemplateError when training text and the inference-time prompt disagree.
+
+    For every assistant turn, the history rendering must start with ``messages[:i]`` rendered with
+    ``add_generation_prompt=True``; a prompt-only conversation is checked with a probe reply.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        messages = [*messages, {"role": "assistant", "content": "ok"}]
+    full = _render(tokenizer, messages, tools, index=index)
+    for i, message in enumerate(messages):
+        if i == 0 or message.get("role") != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], tools, prompt=True, index=index)
+        if not full.startswith(prompt):
+            raise TemplateError(
+                f"{_where(index)}the generation prompt before message {i} differs from the training "
+                f"rendering: {_divergence(prompt, full)}"
+            )
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the special tokens that close assistant turns (e.g. <|im_end|>): stop generation on them."""
+    probe = [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+    ]
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    labels = encode_chat(tokenizer, probe)["labels"]
+    special = set(tokenizer.all_special_ids) | {
+        k for k, t in tokenizer.added_tokens_decoder.items() if t.special
+    }
+    for _, end in _runs([label != IGNORE_INDEX for label in labels]):
+        if labels[end - 1] in special and labels[end - 1] not in ids:
+            ids.append(labels[end - 1])
+    return ids

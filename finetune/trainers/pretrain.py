@@ -1,0 +1,102 @@
+"""Causal-LM pretraining (`trainer.type: pretrain`), from scratch or continued.
+
+Algorithm: documents are tokenized, each followed by EOS, concatenated into one stream and cut
+into blocks of `tokenizer.max_length` tokens; every token is trained with teacher forcing
+(next-token cross-entropy, token mean over the optimizer step). As in GPT-2/LLaMA pretraining,
+attention may cross document boundaries inside a block (EOS marks them); the final partial
+block is dropped. From scratch, `model.init_config` builds a randomly initialised model of any
+transformers causal-LM architecture and `tokenizer.train` fits a byte-level BPE tokenizer on the
+training text (the chat-template tokens are added so later SFT stages can use ChatML).
+
+    finetune run recipes/pretrain.yaml
+    finetune run recipes/quickstart.yaml run.max_steps=50
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from finetune import engine
+from finetune.collate import collate_padded
+from finetune.data import read_texts, split_holdout
+from finetune.errors import DataError
+from finetune.metrics import info
+from finetune.plan import Plan
+from finetune.recipe import Recipe
+from finetune.tokenizer import encode_text, load_tokenizer
+
+
+@dataclass
+class Prepared:
+    tokenizer: object
+    train_blocks: list[dict]
+    eval_blocks: list[dict]
+    train_tokens: int
+    dropped_tokens: int
+
+
+def prepare(recipe: Recipe, resume_from: Path | None = None) -> Prepared:
+    """Reads and tokenizes the data (and trains the tokenizer when asked): no model weights."""
+    seed = recipe.run.seed
+    docs = read_texts(recipe.data.train, "data.train", seed)
+    if recipe.data.eval:
+        eval_docs = read_texts(recipe.data.eval, "data.eval", seed)
+    elif recipe.data.eval_fraction:
+        if len(docs) < 2:
+            raise DataError("data.eval_fraction: needs at least two documents to hold one out")
+        # Split by document before blocking, so no held-out text leaks into training blocks.
+        docs, eval_docs = split_holdout(docs, recipe.data.eval_fraction, seed)
+    else:
+        eval_docs = []
+    tokenizer = load_tokenizer(recipe, texts=[t for t, _ in docs], resume_from=resume_from)
+    length = recipe.tokenizer.max_length
+    train_blocks, dropped = make_blocks(tokenizer, [t for t, _ in docs], length)
+    eval_blocks, _ = make_blocks(tokenizer, [t for t, _ in eval_docs], length) if eval_docs else ([], 0)
+    return Prepared(tokenizer, train_blocks, eval_blocks, len(train_blocks) * length, dropped)
+
+
+def make_blocks(tokenizer, texts: list[str], length: int) -> tuple[list[dict], int]:
+    """Documents + EOS, concatenated and cut into `length`-token blocks; returns (blocks, dropped)."""
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(encode_text(tokenizer, text, add_eos=True))
+    if len(stream) < 2:
+        raise DataError("data: the text holds fewer than two tokens")
+    if len(stream) < length:  # a tiny corpus still yields one (short) block
+        return [{"input_ids": stream, "labels": list(stream)}], 0
+    n = len(stream) // length
+    blocks = [stream[i * length:(i + 1) * length] for i in range(n)]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks], len(stream) - n * length
+
+
+def plan(recipe: Recipe, prepared: Prepared | None = None, info_=None) -> Plan:
+    from finetune.model import count_params_meta
+
+    prepared = prepared or prepare(recipe)
+    if info_ is None:
+        total, trainable = count_params_meta(recipe, prepared.tokenizer)
+        source = recipe.model.name or "from scratch (model.init_config)"
+        notes = []
+    else:
+        total, trainable, source, notes = info_.total_params, info_.trainable_params, info_.source, info_.notes
+    notes = notes + [f"{prepared.dropped_tokens:,} tail tokens dropped (last partial block)"] \
+        if prepared.dropped_tokens else notes
+    return Plan("pretrain", source, total, trainable, len(prepared.train_blocks), prepared.train_tokens,
+                len(prepared.eval_blocks), unit="blocks", notes=notes)
+
+
+def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
+    from finetune.model import load_model
+
+    prepared = prepare(recipe, resume_from)
+    model, model_info = load_model(recipe, prepared.tokenizer)
+    for line in plan(recipe, prepared, model_info).lines(recipe, num_processes):
+        info(line)
+    task = engine.SupervisedTask(
+        model=model, tokenizer=prepared.tokenizer, train_units=prepared.train_blocks,
+        eval_units=prepared.eval_blocks,
+        collate=partial(collate_padded, pad_id=prepared.tokenizer.pad_token_id),
+    )
+    return engine.train(recipe, task, resume_from=resume_from)

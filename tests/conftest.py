@@ -1,0 +1,51 @@
+"""Shared fixtures: everything offline, tiny models from configs, data written into tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach the Hub: fail fast instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run inside a temp dir (relative recipe paths resolve there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+TINY_LLAMA = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+}
+
+
+def tiny_pretrain_recipe(tmp: Path, **run) -> dict:
+    """A from-scratch pretraining recipe on a few KB of generated text."""
+    corpus = "\n\n".join(
+        "\n".join(f"{a} + {b} = {a + b}" for b in range(6)) for a in range(12)
+    )
+    write(tmp / "corpus.txt", corpus + "\n")
+    return {
+        "model": {"init_config": dict(TINY_LLAMA)},
+        "tokenizer": {"max_length": 32, "train": {"vocab_size": 300, "min_frequency": 1}},
+        "data": {"train": [{"path": str(tmp / "corpus.txt"), "format": "text"}]},
+        "trainer": {"type": "pretrain"},
+        "optim": {"lr": 3e-3, "max_grad_norm": 1.0},
+        "run": {"output_dir": str(tmp / "out"), "max_steps": 6, "micro_batch_size": 4, "log_every": 1,
+                "seed": 1, **run},
+    }
