@@ -160,17 +160,7 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
     try:
         while state["step"] < steps:
             micro = [_next_batch(task, stream, state, accelerator.device) for _ in range(run.grad_accum)]
-            step_tokens = _global_sum(accelerator, sum(task.count_tokens(b) for b in micro))
-            if step_tokens == 0:
-                raise DataError(f"step {state['step'] + 1}: no trained tokens in the whole optimizer step")
-            for i, batch in enumerate(micro):
-                # DDP all-reduces gradients only on the last micro-batch of the step.
-                sync = i == len(micro) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    loss_sum = task.loss_sum(model, batch)
-                    # DDP averages over ranks; x num_processes turns that into the global token mean.
-                    accelerator.backward(loss_sum * accelerator.num_processes / step_tokens)
-                window.add(loss_sum.detach(), task.count_tokens(batch), batch.num_tokens)
+            accumulate_gradients(accelerator, model, task, micro, window, state["step"] + 1)
             grad_norm = None
             if recipe.optim.max_grad_norm:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
@@ -189,6 +179,28 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
                       run.sample_max_new_tokens)
     accelerator.end_training()
     return final
+
+
+def accumulate_gradients(accelerator, model, task: SupervisedTask, micro: list[Batch], window=None,
+                         step: int = 0) -> int:
+    """Forward/backward over one optimizer step's micro-batches; returns the global trained tokens.
+
+    Each micro-batch contributes loss_sum / (trained tokens of the whole step on all ranks), so
+    the accumulated gradient is the token mean over the step whatever the split into micro-batches.
+    """
+    step_tokens = _global_sum(accelerator, sum(task.count_tokens(b) for b in micro))
+    if step_tokens == 0:
+        raise DataError(f"step {step}: no trained tokens in the whole optimizer step")
+    for i, batch in enumerate(micro):
+        # DDP all-reduces gradients only on the last micro-batch of the step.
+        sync = i == len(micro) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            loss_sum = task.loss_sum(model, batch)
+            # DDP averages over ranks; x num_processes turns that into the global token mean.
+            accelerator.backward(loss_sum * accelerator.num_processes / step_tokens)
+        if window is not None:
+            window.add(loss_sum.detach(), task.count_tokens(batch), batch.num_tokens)
+    return step_tokens
 
 
 def _next_batch(task: SupervisedTask, stream: MicroBatchStream, state: dict, device) -> Batch:

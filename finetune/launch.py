@@ -58,8 +58,11 @@ def resolve_resume(recipe: Recipe) -> Path | None:
 
 
 def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
+    from transformers.utils import logging as hf_logging
+
     from finetune.trainers import get_trainer
 
+    hf_logging.disable_progress_bar()  # our own progress output is the one to read
     for note in check_recipe(recipe):
         info(f"[yellow]note:[/] {note}")
     trainer = get_trainer(recipe.trainer.type)
@@ -76,6 +79,9 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
         shutil.rmtree(out)
     if resume_from is not None:
         info(f"resuming from {resume_from}")
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.run.seed)  # before any weights are initialised: from-scratch runs are reproducible
     final = trainer.train(recipe, resume_from=resume_from, num_processes=world_size())
     info(f"done: {final}")
     return final

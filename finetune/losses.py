@@ -104,10 +104,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 grad *= dcap
             if scale != 1.0:
                 grad *= scale
+            # Both matmuls in the weight's dtype (bf16 tensor cores; an fp32 matmul of this size is
+            # several times slower); dW is summed over chunks in fp32.
+            grad_lp = grad.to(weight.dtype)
             if need_h:
-                grad_h[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[start : start + chunk_size] = (grad_lp @ weight).to(h.dtype)
             if need_w:
-                grad_w += grad.t() @ h_c.float()
+                grad_w += (grad_lp.t() @ h_c.to(weight.dtype)).float()
             if need_b:
                 grad_b += grad.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)

@@ -53,7 +53,7 @@ class MetricsLogger:
             if "eval_loss" in record:
                 self.progress.console.print(line)
         else:
-            console.print(f"{self.eta(record.get('step', 0))} {line}")
+            console.print(f"{self.eta(record.get('step', 0))} {line}", soft_wrap=True)
 
     def advance(self, step: int) -> None:
         if self.progress is not None:
@@ -91,4 +91,4 @@ def _round(v):
 
 def info(message: str, accelerator=None) -> None:
     if accelerator is None or accelerator.is_main_process:
-        console.print(message)
+        console.print(message, soft_wrap=True)

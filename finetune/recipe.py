@@ -50,7 +50,6 @@ class ModelCfg(Section):
 
 class TokenizerTrainCfg(Section):
     vocab_size: int = Field(1024, gt=0)
-    min_frequency: int = Field(2, ge=1)
 
 
 class TokenizerCfg(Section):

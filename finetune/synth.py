@@ -51,7 +51,7 @@ def pretrain_corpus(rng: random.Random, n_docs: int = 1500, lines_per_doc: int =
     problems = all_problems()
     docs = []
     for _ in range(n_docs):
-        lines = [fact(*rng.choice(problems)) if rng.random() < 0.75 else sentence(rng)
+        lines = [fact(*rng.choice(problems)) if rng.random() < 0.9 else sentence(rng)
                  for _ in range(lines_per_doc)]
         docs.append("\n".join(lines))
     return "\n\n".join(docs) + "\n"

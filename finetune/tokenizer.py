@@ -17,14 +17,19 @@ spans become token labels through the offsets.
 Conventions (tests pin each one):
 - Labels are aligned with ``input_ids`` (no shift; the loss shifts); -100 marks untrained tokens.
 - Trained: the assistant's content, tool calls and the end-of-turn text that closes the turn
-  (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ``<end_of_turn>``, ``<|end|>``...), so the model learns to stop.
-  Not trained: the generation-prompt header and every non-assistant message, tool results included.
+  (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ``<end_of_turn>``, ``<|end|>``...), so the model learns
+  to stop; Phi-3's conversation-final EOS too. Not trained: the generation-prompt header and every
+  non-assistant message, tool results included. An assistant message that opens the conversation
+  has no prompt to split at: it is context.
 - Whitespace between header and content is trained only when the inference-time generation prompt
   does not already contain it (ChatML's and Llama-3's header newlines are part of the prompt).
   Whitespace after a closing special token is never trained: generation stops at that token.
 - A token that straddles a span boundary is trained if any of its characters is inside the span.
 - In marker fallback the template's blocks decide, minus leading whitespace and whitespace after a
-  closing special token, as above.
+  closing special token, as above (so both paths agree on trl's twins).
+- train_on: "assistant" every assistant message, "last_assistant" the last one, "completion" every
+  assistant message after the last user/system one (the completion of prompt/completion data,
+  tool calls included), "all" every token.
 - Masks come from spans and lengths, never from ``ids == pad_id``; see ``ensure_pad_token``.
 """
 
@@ -340,18 +345,20 @@ def _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, ind
 
 
 def _prefix_spans(tokenizer, messages, wanted, tools, full, index) -> tuple[list[_Span], str | None]:
-    """Spans from prefix renderings, or (partial, reason) when the template is not prefix-stable."""
+    """Spans from prefix renderings, or ([], reason) when the template is not prefix-stable."""
     eos = tokenizer.eos_token or ""
     closers = _special_strings(tokenizer)
     spans = []
     for i in wanted:
         prompt = _render(tokenizer, messages[:i], tools, prompt=True, index=index)
         if not full.startswith(prompt):
-            return spans, f"the generation prompt before message {i} differs from the history ({_divergence(prompt, full)})"
-        closed = _render(tokenizer, messages[:i + 1], tools, index=index)
+            why = f"the generation prompt before message {i} differs from the history"
+            return [], f"{why} ({_divergence(prompt, full)})"
+        last = i == len(messages) - 1
+        closed = full if last else _render(tokenizer, messages[:i + 1], tools, index=index)
         end = _closed_end(closed, full, eos)
         if end is None or end <= len(prompt):
-            return spans, f"message {i} renders differently once later messages follow ({_divergence(closed, full)})"
+            return [], f"message {i} renders differently once later messages follow ({_divergence(closed, full)})"
         spans.append(_Span(i, len(prompt), _trim_closing(full, len(prompt), end, closers)))
     return spans, None
 
@@ -382,7 +389,7 @@ def _special_strings(tokenizer) -> list[str]:
 
 def _divergence(a: str, b: str, width: int = 24) -> str:
     """One-line excerpt where two renderings part ways, for error messages."""
-    k = next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    k = next((n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     lo = max(0, k - width)
     return f"{a[lo:k + width]!r} vs {b[lo:k + width]!r}"
 
@@ -413,7 +420,7 @@ def _marker_spans(tokenizer, messages, tools, full, ids, offsets, index) -> list
     owners = assistants if len(assistants) == len(merged) else [None] * len(merged)
     closers = _special_strings(tokenizer)
     spans = []
-    for owner, (start, end) in zip(owners, merged):
+    for owner, (start, end) in zip(owners, merged, strict=True):
         start += len(full[start:end]) - len(full[start:end].lstrip())  # the header's newline
         spans.append(_Span(owner, start, _trim_closing(full, start, end, closers)))
     return [s for s in spans if s.message != 0]
@@ -445,7 +452,9 @@ def _labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: li
 # ---------------------------------------------------------------- checks for the data audit
 
 
-def check_generation_prompt(tokenizer, messages: list[dict], tools: list | None = None, index: int | None = None) -> None:
+def check_generation_prompt(
+    tokenizer, messages: list[dict], tools: list | None = None, index: int | None = None
+) -> None:
     """Raise TemplateError when training text and the inference-time prompt disagree.
 
     For every assistant turn, the history rendering must start with ``messages[:i]`` rendered with

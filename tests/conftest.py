@@ -42,7 +42,7 @@ def tiny_pretrain_recipe(tmp: Path, **run) -> dict:
     write(tmp / "corpus.txt", corpus + "\n")
     return {
         "model": {"init_config": dict(TINY_LLAMA)},
-        "tokenizer": {"max_length": 32, "train": {"vocab_size": 300, "min_frequency": 1}},
+        "tokenizer": {"max_length": 32, "chat_template": "chatml", "train": {"vocab_size": 300}},
         "data": {"train": [{"path": str(tmp / "corpus.txt"), "format": "text"}]},
         "trainer": {"type": "pretrain"},
         "optim": {"lr": 3e-3, "max_grad_norm": 1.0},

@@ -69,7 +69,7 @@ def _random_case(seed, with_bias):
 def test_chunked_ce_equals_plain_values_and_gradients(with_bias, scale, softcap, chunk):
     hidden, weight, bias, labels = _random_case(0, with_bias)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
-    ref_leaves = [t.clone().requires_grad_() for t in leaves]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
 
     ours = chunked_linear_ce_sum(*leaves[:2], labels, chunk_size=chunk,
                                  bias=leaves[2] if with_bias else None, scale=scale, softcap=softcap)
@@ -78,7 +78,7 @@ def test_chunked_ce_equals_plain_values_and_gradients(with_bias, scale, softcap,
     (2.5 * ours).backward()  # a non-unit upstream gradient must scale the stored gradients
     (2.5 * ref).backward()
     assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
-    for a, b in zip(leaves, ref_leaves):
+    for a, b in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
     assert leaves[0].grad[1].abs().sum() == 0  # the masked row gets no gradient
 

@@ -25,7 +25,8 @@ from finetune.errors import DataError
 from finetune.metrics import info
 from finetune.plan import Plan
 from finetune.recipe import Recipe
-from finetune.tokenizer import encode_text, load_tokenizer
+from finetune.tokenizer import encode_text
+from finetune.tokenizer_setup import load_tokenizer
 
 
 @dataclass

@@ -1,0 +1,172 @@
+"""The supervised engine: loss normalisation invariants, data order, a real pretrain run, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from finetune import checkpoint, engine
+from finetune.collate import collate_padded
+from finetune.errors import RecipeError
+from finetune.launch import run_recipe
+from finetune.recipe import recipe_from_dict
+from tests.conftest import TINY_LLAMA, tiny_pretrain_recipe
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = dict(TINY_LLAMA)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), vocab_size=50, **cfg))
+
+
+def samples_of_different_lengths() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in (3, 9, 5, 14):
+        ids = torch.randint(1, 50, (n,), generator=g).tolist()
+        labels = list(ids)
+        labels[: n // 2] = [-100] * (n // 2)  # prompt-like untrained prefix: unequal trained counts
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def grads_after(micro_sizes: list[int]) -> dict[str, torch.Tensor]:
+    model = tiny_model()
+    acc = Accelerator(cpu=True)
+    task = engine.SupervisedTask(model=model, tokenizer=None, train_units=[],
+                                 collate=lambda s: collate_padded(s, pad_id=0))
+    samples, micro, i = samples_of_different_lengths(), [], 0
+    for n in micro_sizes:
+        micro.append(task.collate(samples[i:i + n]))
+        i += n
+    engine.accumulate_gradients(acc, model, task, micro)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_accumulation_1x4_equals_4x1():
+    one_by_four = grads_after([1, 1, 1, 1])
+    four_by_one = grads_after([4])
+    two_by_two = grads_after([2, 2])
+    for name in one_by_four:
+        torch.testing.assert_close(one_by_four[name], four_by_one[name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(two_by_two[name], four_by_one[name], atol=1e-5, rtol=1e-5)
+
+
+def test_mean_of_micro_means_would_differ():
+    """Negative control: the naive normalisation gives different gradients on these samples."""
+    model = tiny_model()
+    samples = samples_of_different_lengths()
+    from finetune.losses import count_trained_tokens, token_ce_sum
+
+    for s in samples:
+        b = collate_padded([s], pad_id=0)
+        (token_ce_sum(model(**b.model_inputs()).logits, b.labels) / count_trained_tokens(b.labels) / 4).backward()
+    naive = {n: p.grad.clone() for n, p in model.named_parameters()}
+    exact = grads_after([4])
+    assert any(not torch.allclose(naive[n], exact[n], atol=1e-5) for n in naive)
+
+
+def test_stream_is_a_permutation_per_epoch_and_ranks_are_disjoint():
+    streams = [engine.MicroBatchStream(22, 3, world=2, rank=r, seed=7, shuffle=True) for r in range(2)]
+    assert streams[0].per_epoch == 3  # 22 // 6; the 4-unit tail is dropped
+    for epoch in range(2):
+        seen = [i for s in streams for k in range(3) for i in s.indices(epoch * 3 + k)]
+        assert len(seen) == len(set(seen)) == 18
+    assert streams[0].indices(0) != streams[0].indices(3)  # a new order each epoch
+    again = engine.MicroBatchStream(22, 3, world=2, rank=0, seed=7, shuffle=True)
+    assert [again.indices(k) for k in range(6)] == [streams[0].indices(k) for k in range(6)]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def trainable_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_pretrain_run_learns_and_writes_the_layout(in_tmp):
+    recipe = recipe_from_dict(tiny_pretrain_recipe(in_tmp, max_steps=30, save_every=10, keep_last=2,
+                                                   eval_every=15), "tiny.yaml")
+    recipe.data.eval_fraction = 0.2
+    final = run_recipe(recipe)
+    out = in_tmp / "out"
+    assert final == out / "final"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "final", "metrics.jsonl", "recipe.yaml"]
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-10", "step-20"]  # keep_last=2
+    ckpt = out / "checkpoints" / "step-20"
+    for name in ("model", "tokenizer", "optimizer.pt", "scheduler.pt", "rng-0.pt", "trainer_state.json"):
+        assert (ckpt / name).exists(), name
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 20
+    assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    assert (final / "tokenizer.json").is_file() and (final / "chat_template.jinja").is_file()
+    records = read_metrics(out)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert all(map(lambda x: x == x and x < 100, losses))  # finite
+    assert losses[-1] < losses[0] * 0.7
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [15, 30] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
+        assert key in records[0]
+    # every parameter moved from its initialisation (same seed -> same init)
+    loaded = AutoModelForCausalLM.from_pretrained(final)
+    assert loaded.config.vocab_size == len(__import__("transformers").AutoTokenizer.from_pretrained(final))
+
+
+def test_resumed_run_equals_uninterrupted(in_tmp, monkeypatch):
+    base = tiny_pretrain_recipe(in_tmp, max_steps=8, save_every=3)
+    base["model"]["init_config"]["attention_dropout"] = 0.1  # RNG must be restored, too
+    full = recipe_from_dict(base)
+    full.run.output_dir = str(in_tmp / "full")
+    run_recipe(full)
+
+    crashed = recipe_from_dict(base)
+    crashed.run.output_dir = str(in_tmp / "crash")
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if path.name == "step-6":
+            raise KeyboardInterrupt  # killed right after the second checkpoint
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(crashed)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert not (in_tmp / "crash" / "final").exists()
+    run_recipe(recipe_from_dict(base | {"run": base["run"] | {"output_dir": str(in_tmp / "crash")}}))
+    a = trainable_weights(in_tmp / "full" / "final")
+    b = trainable_weights(in_tmp / "crash" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    resumed = read_metrics(in_tmp / "crash")
+    assert [r["step"] for r in resumed if "loss" in r][-2:] == [7, 8]
+
+
+def test_refuses_checkpoints_of_a_different_run(in_tmp):
+    data = tiny_pretrain_recipe(in_tmp, max_steps=4, save_every=2)
+    out = in_tmp / "out"
+    (out / "checkpoints" / "step-2").mkdir(parents=True)
+    (out / "checkpoints" / "step-2" / "trainer_state.json").write_text("{}")
+    other = recipe_from_dict(data)
+    other.optim.lr = 0.5
+    from finetune.recipe import write_recipe
+
+    write_recipe(other, out / "recipe.yaml")
+    with pytest.raises(RecipeError, match=r"different run \(differs in optim.lr\)"):
+        run_recipe(recipe_from_dict(data))
+
+
+def test_refuses_to_overwrite_a_finished_run(in_tmp):
+    data = tiny_pretrain_recipe(in_tmp, max_steps=2)
+    (in_tmp / "out" / "final").mkdir(parents=True)
+    with pytest.raises(RecipeError, match="already holds a finished run"):
+        run_recipe(recipe_from_dict(data))
