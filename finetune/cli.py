@@ -57,7 +57,15 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Flags may come before or after key=value overrides (`run r.yaml --dry-run optim.lr=1`):
+    # argparse leaves overrides after a flag unparsed, so they are collected here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

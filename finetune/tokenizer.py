@@ -150,7 +150,11 @@ def _own_template(tokenizer) -> str:
 def _check_compiles(template: str, spec: str) -> None:
     """Fail at template choice, not at the first sample, on a Jinja syntax error."""
     from jinja2 import TemplateSyntaxError
-    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:  # transformers' compiler knows the {% generation %} tag that plain jinja2 rejects
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # private helper moved: skip the early check, rendering still reports
+        return
 
     try:
         _compile_jinja_template(template)
@@ -355,7 +359,7 @@ def _prefix_spans(tokenizer, messages, wanted, tools, full, index) -> tuple[list
             why = f"the generation prompt before message {i} differs from the history"
             return [], f"{why} ({_divergence(prompt, full)})"
         last = i == len(messages) - 1
-        closed = full if last else _render(tokenizer, messages[:i + 1], tools, index=index)
+        closed = full if last else _render(tokenizer, messages[: i + 1], tools, index=index)
         end = _closed_end(closed, full, eos)
         if end is None or end <= len(prompt):
             return [], f"message {i} renders differently once later messages follow ({_divergence(closed, full)})"
@@ -391,7 +395,7 @@ def _divergence(a: str, b: str, width: int = 24) -> str:
     """One-line excerpt where two renderings part ways, for error messages."""
     k = next((n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     lo = max(0, k - width)
-    return f"{a[lo:k + width]!r} vs {b[lo:k + width]!r}"
+    return f"{a[lo : k + width]!r} vs {b[lo : k + width]!r}"
 
 
 def _marker_spans(tokenizer, messages, tools, full, ids, offsets, index) -> list[_Span]:
@@ -410,7 +414,7 @@ def _marker_spans(tokenizer, messages, tools, full, ids, offsets, index) -> list
     chars = [(offsets[a][0], offsets[b - 1][1]) for a, b in runs]
     merged: list[list[int]] = []
     for start, end in chars:
-        if merged and not full[merged[-1][1]:start].strip():
+        if merged and not full[merged[-1][1] : start].strip():
             merged[-1][1] = end
         else:
             merged.append([start, end])
@@ -477,14 +481,14 @@ def check_generation_prompt(
 def stop_token_ids(tokenizer) -> list[int]:
     """EOS plus the special tokens that close assistant turns (e.g. <|im_end|>): stop generation on them."""
     probe = [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
     ]
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     labels = encode_chat(tokenizer, probe)["labels"]
-    special = set(tokenizer.all_special_ids) | {
-        k for k, t in tokenizer.added_tokens_decoder.items() if t.special
-    }
+    special = set(tokenizer.all_special_ids) | {k for k, t in tokenizer.added_tokens_decoder.items() if t.special}
     for _, end in _runs([label != IGNORE_INDEX for label in labels]):
         if labels[end - 1] in special and labels[end - 1] not in ids:
             ids.append(labels[end - 1])

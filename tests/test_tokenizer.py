@@ -86,30 +86,93 @@ def _trl(name: str) -> str:
 
 
 STYLES = {
-    "qwen2_5": Style(_trl("qwen2_5"), _trl("qwen2_5_training"), IM, "<|im_end|>", "<|im_end|>",
-                     lambda c, last: c + "<|im_end|>", tools=True),
-    "qwen3_instruct_2507": Style(_trl("qwen3_instruct_2507"), _trl("qwen3_instruct_2507_training"), IM,
-                                 "<|im_end|>", "<|im_end|>", lambda c, last: c + "<|im_end|>", tools=True),
+    "qwen2_5": Style(
+        _trl("qwen2_5"),
+        _trl("qwen2_5_training"),
+        IM,
+        "<|im_end|>",
+        "<|im_end|>",
+        lambda c, last: c + "<|im_end|>",
+        tools=True,
+    ),
+    "qwen3_instruct_2507": Style(
+        _trl("qwen3_instruct_2507"),
+        _trl("qwen3_instruct_2507_training"),
+        IM,
+        "<|im_end|>",
+        "<|im_end|>",
+        lambda c, last: c + "<|im_end|>",
+        tools=True,
+    ),
     # Plain Qwen3 is not prefix-stable (see test below); its training twin is, with markers.
-    "qwen3": Style(_trl("qwen3_training"), _trl("qwen3_training"), IM, "<|im_end|>", "<|im_end|>",
-                   lambda c, last: "<think>\n\n</think>\n\n" + c + "<|im_end|>", tools=True),
-    "llama3": Style(_trl("llama3"), _trl("llama3_training"),
-                    ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-                    "<|eot_id|>", "<|eot_id|>", lambda c, last: c.strip() + "<|eot_id|>", bos="<|begin_of_text|>"),
-    "gemma": Style(_trl("gemma"), _trl("gemma_training"), ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"),
-                   "<eos>", "<end_of_turn>", lambda c, last: c.strip() + "<end_of_turn>", bos="<bos>", system=False),
-    "gemma3": Style(_trl("gemma3"), _trl("gemma3_training"), ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"),
-                    "<eos>", "<end_of_turn>", lambda c, last: c.strip() + "<end_of_turn>", bos="<bos>"),
+    "qwen3": Style(
+        _trl("qwen3_training"),
+        _trl("qwen3_training"),
+        IM,
+        "<|im_end|>",
+        "<|im_end|>",
+        lambda c, last: "<think>\n\n</think>\n\n" + c + "<|im_end|>",
+        tools=True,
+    ),
+    "llama3": Style(
+        _trl("llama3"),
+        _trl("llama3_training"),
+        ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        "<|eot_id|>",
+        "<|eot_id|>",
+        lambda c, last: c.strip() + "<|eot_id|>",
+        bos="<|begin_of_text|>",
+    ),
+    "gemma": Style(
+        _trl("gemma"),
+        _trl("gemma_training"),
+        ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"),
+        "<eos>",
+        "<end_of_turn>",
+        lambda c, last: c.strip() + "<end_of_turn>",
+        bos="<bos>",
+        system=False,
+    ),
+    "gemma3": Style(
+        _trl("gemma3"),
+        _trl("gemma3_training"),
+        ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"),
+        "<eos>",
+        "<end_of_turn>",
+        lambda c, last: c.strip() + "<end_of_turn>",
+        bos="<bos>",
+    ),
     # Phi-3 appends EOS after the final message: trained there, with the newline before it.
-    "phi3": Style(_trl("phi3"), _trl("phi3_training"), ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-                  "<|endoftext|>", "<|end|>", lambda c, last: c + "<|end|>" + ("\n<|endoftext|>" if last else "")),
-    "mistral": Style(MISTRAL, MISTRAL_TWIN, ("<s>", "</s>", "[INST]", "[/INST]"), "</s>", "</s>",
-                     lambda c, last: c + "</s>", bos="<s>", system=False),
+    "phi3": Style(
+        _trl("phi3"),
+        _trl("phi3_training"),
+        ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        "<|endoftext|>",
+        "<|end|>",
+        lambda c, last: c + "<|end|>" + ("\n<|endoftext|>" if last else ""),
+    ),
+    "mistral": Style(
+        MISTRAL,
+        MISTRAL_TWIN,
+        ("<s>", "</s>", "[INST]", "[/INST]"),
+        "</s>",
+        "</s>",
+        lambda c, last: c + "</s>",
+        bos="<s>",
+        system=False,
+    ),
     # DeepSeek-V3's generation prompt adds "<think>\n": not prefix-stable, so the marker fallback
     # runs, and its twin puts the "<｜Assistant｜>" header inside the block.
-    "deepseekv3": Style(_trl("deepseekv3_training"), _trl("deepseekv3_training"), DEEPSEEK, "<｜end▁of▁sentence｜>",
-                        "<｜end▁of▁sentence｜>", lambda c, last: "<｜Assistant｜>" + c + "<｜end▁of▁sentence｜>",
-                        bos="<｜begin▁of▁sentence｜>", tools=True),
+    "deepseekv3": Style(
+        _trl("deepseekv3_training"),
+        _trl("deepseekv3_training"),
+        DEEPSEEK,
+        "<｜end▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        lambda c, last: "<｜Assistant｜>" + c + "<｜end▁of▁sentence｜>",
+        bos="<｜begin▁of▁sentence｜>",
+        tools=True,
+    ),
 }
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
@@ -119,8 +182,11 @@ CALL = [{"type": "function", "function": {"name": "get_weather", "arguments": {"
 
 def chat(system: bool = True) -> list[dict]:
     head = [{"role": "system", "content": "You are terse."}] if system else []
-    turns = [("What is two plus two?", "Four."), ("And the capital of France?", "Paris, a city on the Seine."),
-             ("Thanks!", "You are welcome.")]
+    turns = [
+        ("What is two plus two?", "Four."),
+        ("And the capital of France?", "Paris, a city on the Seine."),
+        ("Thanks!", "You are welcome."),
+    ]
     return head + [{"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]
 
 
@@ -138,8 +204,9 @@ def tool_chat() -> list[dict]:
 
 def fresh_tokenizer(name: str, template: str):
     style = STYLES[name]
-    return train_bpe_tokenizer(CORPUS, 400, special_tokens=style.specials, chat_template=template,
-                               bos_token=style.bos, eos_token=style.eos)
+    return train_bpe_tokenizer(
+        CORPUS, 400, special_tokens=style.specials, chat_template=template, bos_token=style.bos, eos_token=style.eos
+    )
 
 
 @functools.cache
@@ -206,8 +273,9 @@ def test_masks_equal_generation_marker_masks(name):
     tok, style = tokenizer_for(name), STYLES[name]
     for messages, tools in cases(name):
         out = encode_chat(tok, messages, tools=tools)
-        ref = tok.apply_chat_template(messages, tools=tools, chat_template=style.twin, return_dict=True,
-                                      return_assistant_tokens_mask=True)
+        ref = tok.apply_chat_template(
+            messages, tools=tools, chat_template=style.twin, return_dict=True, return_assistant_tokens_mask=True
+        )
         assert list(ref["input_ids"]) == out["input_ids"], "the twin must render the same text"
         ours, theirs = trained(out), list(ref["assistant_masks"])
         assert ours == trim_marker_mask(tok, out["input_ids"], theirs)
@@ -273,8 +341,9 @@ def test_plain_qwen3_is_not_prefix_stable():
 def test_generation_prompt_mismatch_without_markers_raises():
     tok = tokenizer_for("deepseekv3")
     plain = _trl("deepseekv3")
-    tok_plain = train_bpe_tokenizer(CORPUS, 400, special_tokens=DEEPSEEK, chat_template=plain,
-                                    bos_token=DEEPSEEK[0], eos_token=DEEPSEEK[1])
+    tok_plain = train_bpe_tokenizer(
+        CORPUS, 400, special_tokens=DEEPSEEK, chat_template=plain, bos_token=DEEPSEEK[0], eos_token=DEEPSEEK[1]
+    )
     with pytest.raises(TemplateError, match="generation prompt before message 2"):
         encode_chat(tok_plain, chat())
     for t in (tok, tok_plain):
@@ -291,22 +360,30 @@ def test_unstable_template_raises_and_markers_rescue_it():
     assert str(err.value).startswith("sample 4: ") and "\n" not in str(err.value)
     tok.chat_template = UNSTABLE_TWIN
     out = encode_chat(tok, chat())
-    assert trained_texts(tok, out) == ["Four.<|im_end|>", "Paris, a city on the Seine.<|im_end|>",
-                                       "You are welcome.<|im_end|>\n<|endoftext|>"]
+    assert trained_texts(tok, out) == [
+        "Four.<|im_end|>",
+        "Paris, a city on the Seine.<|im_end|>",
+        "You are welcome.<|im_end|>\n<|endoftext|>",
+    ]
     last = encode_chat(tok, chat(), train_on="last_assistant")
     assert trained_texts(tok, last) == ["You are welcome.<|im_end|>\n<|endoftext|>"]
 
 
 def test_token_straddling_the_prompt_boundary_is_trained():
     # "Bot: " + "Four." tokenizes as "Bot", ":", " Four", "." -- " Four" starts in the prompt.
-    template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
-                "{% else %}{{ 'Bot: ' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'Bot: ' }}{% endif %}")
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+        "{% else %}{{ 'Bot: ' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Bot: ' }}{% endif %}"
+    )
     tok = train_bpe_tokenizer(CORPUS, 400, chat_template=template)
     assert tok.convert_ids_to_tokens(tok("Bot: Four.")["input_ids"])[-2:] == ["ĠFour", "."]
     out = encode_chat(tok, chat(system=False))
-    assert trained_texts(tok, out) == [" Four.<|endoftext|>", " Paris, a city on the Seine.<|endoftext|>",
-                                       " You are welcome.<|endoftext|>"]
+    assert trained_texts(tok, out) == [
+        " Four.<|endoftext|>",
+        " Paris, a city on the Seine.<|endoftext|>",
+        " You are welcome.<|endoftext|>",
+    ]
 
 
 # ---------------------------------------------------------------- train_on, overflow, validation
@@ -377,7 +454,7 @@ TEXT = st.text(alphabet=st.sampled_from(list("abcxyz ABC.,!?\n\t019éß日本�
 CONTENT = TEXT.filter(lambda s: s.strip())
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, database=None)  # database=None: no .hypothesis/ dir
 @given(system=st.one_of(st.none(), CONTENT), turns=st.lists(st.tuples(CONTENT, CONTENT), min_size=1, max_size=4))
 def test_property_trained_tokens_decode_to_assistant_spans(system, turns):
     tok = chatml_tokenizer()
