@@ -165,9 +165,9 @@ def _check_compiles(template: str, spec: str) -> None:
 
 def apply_chat_template_choice(tokenizer, spec: str, base_dir: Path | None = None) -> list[str]:
     """Set the chosen template on ``tokenizer``; return the special tokens added (resize embeddings)."""
-    tokenizer.chat_template = resolve_chat_template(tokenizer, spec, base_dir)
     from tokenizers import AddedToken
 
+    tokenizer.chat_template = resolve_chat_template(tokenizer, spec, base_dir)
     needed = BUILTIN_TEMPLATE_TOKENS.get(spec, ())
     # A token in the vocab but not registered as added would be split into pieces: register it
     # too, but only report the ones that got new ids.
@@ -464,7 +464,8 @@ def check_generation_prompt(
     For every assistant turn, the history rendering must start with ``messages[:i]`` rendered with
     ``add_generation_prompt=True``; a prompt-only conversation is checked with a probe reply.
     """
-    if not messages or messages[-1].get("role") != "assistant":
+    validate_messages(messages, "all", index)
+    if messages[-1].get("role") != "assistant":
         messages = [*messages, {"role": "assistant", "content": "ok"}]
     full = _render(tokenizer, messages, tools, index=index)
     for i, message in enumerate(messages):
