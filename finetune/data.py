@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.errors import DataError
+from finetune.errors import DataError, TemplateError
 from finetune.recipe import DataSource
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -163,3 +163,72 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     n_eval = min(max(1, round(len(items) * fraction)), len(items) - 1)
     held = set(order[:n_eval])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def mix_sources(sources: list[DataSource], key: str, seed: int, convert) -> list:
+    """Rows of several sources, each converted by `convert(row, src)` and scaled by its weight.
+
+    A weight w makes a source contribute round(w x rows) rows per epoch: whole repeats for the
+    integer part and a seeded sample for the fraction (w=0.5 keeps half, w=2 doubles it).
+    """
+    rng = random.Random(seed)
+    out = []
+    for i, src in enumerate(sources):
+        items = [convert(row, src) for row in read_source(src, f"{key}.{i}.path", seed)]
+        whole, frac = divmod(src.weight, 1.0)
+        out.extend(items * int(whole))
+        out.extend(rng.sample(items, round(frac * len(items))))
+    return out
+
+
+@dataclass
+class EncodeStats:
+    """What encoding did to a data set: reported by the plan and by `finetune data`."""
+
+    rows: int = 0
+    samples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    no_trained: int = 0  # samples left with nothing to train (e.g. truncated before the answer)
+
+    @property
+    def trained_fraction(self) -> float:
+        return self.trained_tokens / max(self.tokens, 1)
+
+    def summary(self) -> str:
+        return (f"{self.samples:,} samples from {self.rows:,} rows, {self.tokens:,} tokens "
+                f"({100 * self.trained_fraction:.1f}% trained), {self.truncated} truncated, "
+                f"{self.dropped} dropped, {self.no_trained} without trained tokens (skipped)")
+
+
+def encode_conversations(tokenizer, conversations: list, train_on: str, max_length: int, overflow: str,
+                         key: str) -> tuple[list[dict], EncodeStats]:
+    """Chat-templated samples with label masks; samples with no trained token are skipped."""
+    from finetune.tokenizer import encode_chat
+
+    stats = EncodeStats(rows=len(conversations))
+    samples = []
+    for conv in conversations:
+        try:  # the row's origin names it better than an index into the mixed list
+            enc = encode_chat(tokenizer, conv.messages, train_on=train_on, max_length=max_length,
+                              overflow=overflow, tools=conv.tools)
+        except (DataError, TemplateError) as e:
+            raise type(e)(f"{conv.origin}: {e}") from None
+        if enc is None:
+            stats.dropped += 1
+            continue
+        stats.truncated += bool(enc.get("truncated"))
+        trained = sum(label != -100 for label in enc["labels"][1:])
+        if trained == 0:
+            stats.no_trained += 1
+            continue
+        stats.samples += 1
+        stats.tokens += len(enc["input_ids"])
+        stats.trained_tokens += trained
+        samples.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
+    if not samples:
+        raise DataError(f"{key}: no sample has a trained token left ({stats.summary()}); "
+                        "check tokenizer.max_length and trainer.train_on")
+    return samples, stats

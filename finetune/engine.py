@@ -53,6 +53,8 @@ class SupervisedTask:
     count_tokens: Callable[[Batch], int] = lambda batch: count_trained_tokens(batch.labels)
     # Extra held-out metrics (e.g. exact-match) computed by the trainer on the unwrapped model.
     evaluate_extra: Callable[[torch.nn.Module], dict] | None = None
+    # Eval units are single samples even when training units are packed rows.
+    eval_collate: Callable[[list[dict]], Batch] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -155,6 +157,8 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
         accelerator.init_trackers(out.name, config=_flat_config(recipe))
 
     logger = MetricsLogger(out, steps, state["step"], accelerator)
+    if run.eval_at_start and task.eval_units and state["step"] == 0:
+        logger.log({"step": 0, **evaluate(recipe, task, model, accelerator)})
     model.train()
     window = _Window(accelerator.device)
     try:
@@ -269,7 +273,7 @@ def evaluate(recipe: Recipe, task: SupervisedTask, model, accelerator) -> dict:
     for n, start in enumerate(range(0, len(units), mbs)):
         if recipe.run.eval_batches and n >= recipe.run.eval_batches:
             break
-        batch = task.collate(units[start:start + mbs]).to(accelerator.device)
+        batch = (task.eval_collate or task.collate)(units[start:start + mbs]).to(accelerator.device)
         loss += task.loss_sum(model, batch).double()
         trained += task.count_tokens(batch)
     total = float(_global_sum(accelerator, loss)) / max(_global_sum(accelerator, trained), 1)

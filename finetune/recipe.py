@@ -76,6 +76,7 @@ class DataCfg(Section):
     eval: list[DataSource] | None = None
     eval_fraction: float | None = Field(None, gt=0, lt=1)
     packing: bool = False
+    padding_free: bool = True
     shuffle: bool = True
 
 
@@ -93,6 +94,9 @@ class AdapterCfg(Section):
 class TrainerCfg(Section):
     type: Literal[TRAINER_TYPES]  # type: ignore[valid-type]
     train_on: Literal["assistant", "last_assistant", "completion", "all"] = "assistant"
+    # sft: greedy exact-match of the last assistant turn on this many eval conversations (0: off)
+    exact_match_samples: int = Field(100, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
 
 
 class OptimCfg(Section):
@@ -118,6 +122,7 @@ class RunCfg(Section):
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_batches: int | None = Field(None, gt=0)
+    eval_at_start: bool = False
     save_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
     resume: str = "auto"
@@ -356,7 +361,8 @@ def check_model_ref(name: str, key: str) -> None:
             raise RecipeError(f"{key}: {name!r} is a file; expected a model directory or a Hub id")
         return
     if not looks_like_hub_id(name):
-        raise RecipeError(f"{key}: {name!r} is neither an existing local directory nor a Hub id (org/name)")
+        hint = " (it is written by another run: run that recipe first)" if name.startswith("runs/") else ""
+        raise RecipeError(f"{key}: {name!r} is neither an existing local directory nor a Hub id (org/name){hint}")
 
 
 def check_recipe(recipe: Recipe) -> list[str]:
@@ -419,7 +425,7 @@ def write_recipe(recipe: Recipe, path: Path) -> None:
 RESUME_MUTABLE = {
     ("run", "max_steps"), ("run", "epochs"), ("run", "log_every"), ("run", "eval_every"),
     ("run", "save_every"), ("run", "keep_last"), ("run", "resume"), ("run", "overwrite"), ("run", "report_to"),
-    ("run", "sample_prompts"), ("run", "sample_max_new_tokens"), ("run", "eval_batches"),
+    ("run", "sample_prompts"), ("run", "sample_max_new_tokens"), ("run", "eval_batches"), ("run", "eval_at_start"),
     ("launch",),
 }
 

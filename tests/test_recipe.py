@@ -171,7 +171,12 @@ def test_from_scratch_needs_a_tokenizer(in_tmp):
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    check_recipe(load_recipe(path))
+    recipe = load_recipe(path)
+    try:
+        check_recipe(recipe)
+    except RecipeError as e:
+        # Recipes that start from another recipe's output (runs/...) validate once it exists.
+        assert "runs/" in str(recipe.model.name) and "runs/" in str(e), e
 
 
 def test_validate_does_not_import_torch():

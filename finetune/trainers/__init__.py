@@ -9,6 +9,7 @@ import importlib
 
 REGISTRY = {
     "pretrain": "finetune.trainers.pretrain",
+    "sft": "finetune.trainers.sft",
 }
 
 

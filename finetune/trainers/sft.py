@@ -1,0 +1,140 @@
+"""Supervised fine-tuning on conversations (`trainer.type: sft`).
+
+Algorithm: every row (messages, prompt_completion, sharegpt or alpaca format) becomes a chat
+conversation, rendered with the chat template; the tokens of the turns selected by
+`trainer.train_on` (default: every assistant turn, including the end-of-turn token that closes
+it, so the model learns to stop) are trained with next-token cross-entropy, the rest masked.
+The loss is the token mean over the whole optimizer step, across accumulation and ranks.
+Batches are padding-free: a micro-batch's samples are concatenated into one row with position
+ids restarting per sample and attention that never crosses samples (varlen FlashAttention on
+GPU, a block-diagonal mask on CPU). `data.packing: true` first bin-packs samples into rows of
+`tokenizer.max_length` (best-fit decreasing). Held-out metrics: token loss, and greedy
+exact-match of the last assistant turn on the eval conversations.
+
+    finetune run recipes/sft_full.yaml
+    finetune data recipes/sft_full.yaml          # audit the masks first
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from finetune import engine
+from finetune.collate import collate_flat, collate_padded, pack_bins, packing_efficiency
+from finetune.data import EncodeStats, encode_conversations, mix_sources, split_holdout
+from finetune.evaluate import exact_match
+from finetune.formats import to_conversation
+from finetune.metrics import info
+from finetune.plan import Plan
+from finetune.recipe import Recipe
+from finetune.tokenizer_setup import load_tokenizer
+
+
+@dataclass
+class Prepared:
+    tokenizer: object
+    train_units: list
+    eval_units: list
+    train_stats: EncodeStats
+    eval_conversations: list
+    notes: list[str] = field(default_factory=list)
+    packing_efficiency: float | None = None
+
+
+def read_conversations(recipe: Recipe) -> tuple[list, list]:
+    """Train and eval conversations (eval: its own sources, a held-out fraction, or none)."""
+    seed = recipe.run.seed
+    train = mix_sources(recipe.data.train, "data.train", seed, to_conversation)
+    if recipe.data.eval:
+        return train, mix_sources(recipe.data.eval, "data.eval", seed, to_conversation)
+    if recipe.data.eval_fraction:
+        return split_holdout(train, recipe.data.eval_fraction, seed)
+    return train, []
+
+
+def prepare(recipe: Recipe, resume_from: Path | None = None) -> Prepared:
+    """Data -> conversations -> masked samples (-> packed rows). Loads no model weights."""
+    notes: list[str] = []
+    tokenizer = load_tokenizer(recipe, resume_from=resume_from, notes=notes)
+    train_convs, eval_convs = read_conversations(recipe)
+    t = recipe.tokenizer
+    encode = partial(encode_conversations, tokenizer, train_on=recipe.trainer.train_on,
+                     max_length=t.max_length, overflow=t.overflow)
+    train, stats = encode(train_convs, key="data.train")
+    evals, _ = encode(eval_convs, key="data.eval") if eval_convs else ([], None)
+    notes.append(f"train data: {stats.summary()}")
+    prepared = Prepared(tokenizer, train, evals, stats, eval_convs, notes)
+    if recipe.data.packing:
+        prepared.train_units, prepared.packing_efficiency = pack(train, t.max_length)
+        notes.append(f"packed {len(train):,} samples into {len(prepared.train_units):,} rows of "
+                     f"{t.max_length} ({100 * prepared.packing_efficiency:.1f}% full)")
+    return prepared
+
+
+def pack(samples: list[dict], max_length: int) -> tuple[list[list[dict]], float]:
+    lengths = [len(s["input_ids"]) for s in samples]
+    bins = pack_bins(lengths, max_length)
+    return [[samples[i] for i in b] for b in bins], packing_efficiency(bins, lengths, max_length)
+
+
+def make_collate(recipe: Recipe, pad_id: int):
+    """Units are samples, or packed rows (lists of samples) with data.packing."""
+    if recipe.data.packing:
+        return lambda units: collate_flat([s for row in units for s in row])
+    if recipe.data.padding_free:
+        return collate_flat
+    return partial(collate_padded, pad_id=pad_id)
+
+
+def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> Plan:
+    from finetune.model import count_params_meta
+
+    prepared = prepared or prepare(recipe)
+    if model_info is None:
+        total, trainable = count_params_meta(recipe, prepared.tokenizer)
+        source, notes = recipe.model.name or "from scratch (model.init_config)", []
+    else:
+        total, trainable = model_info.total_params, model_info.trainable_params
+        source, notes = model_info.source, model_info.notes
+    unit = "packed rows" if recipe.data.packing else "samples"
+    return Plan("sft", source, total, trainable, len(prepared.train_units), prepared.train_stats.tokens,
+                len(prepared.eval_units), unit=unit, notes=prepared.notes + notes)
+
+
+def exact_match_metric(recipe: Recipe, tokenizer, conversations: list):
+    """evaluate_extra for the engine: greedy exact-match of each eval conversation's last reply."""
+    n = recipe.trainer.exact_match_samples
+    cases = [c.messages for c in conversations if c.messages[-1]["role"] == "assistant"][:n]
+    if not cases:
+        return None
+    prompts = [m[:-1] for m in cases]
+    refs = [m[-1]["content"] or "" for m in cases]
+
+    def metric(model) -> dict:
+        score, _ = exact_match(model, tokenizer, prompts, refs, recipe.trainer.max_new_tokens)
+        return {"eval_exact_match": score}
+
+    return metric
+
+
+def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
+    from finetune.attention import enable_packed_attention
+    from finetune.model import load_model
+
+    prepared = prepare(recipe, resume_from)
+    model, model_info = load_model(recipe, prepared.tokenizer)
+    if recipe.data.packing or recipe.data.padding_free:
+        enable_packed_attention(model)
+    for line in plan(recipe, prepared, model_info).lines(recipe, num_processes):
+        info(line)
+    task = engine.SupervisedTask(
+        model=model, tokenizer=prepared.tokenizer, train_units=prepared.train_units,
+        eval_units=prepared.eval_units,
+        collate=make_collate(recipe, prepared.tokenizer.pad_token_id),
+        eval_collate=collate_flat if recipe.data.padding_free or recipe.data.packing
+        else partial(collate_padded, pad_id=prepared.tokenizer.pad_token_id),
+        evaluate_extra=exact_match_metric(recipe, prepared.tokenizer, prepared.eval_conversations),
+    )
+    return engine.train(recipe, task, resume_from=resume_from)
