@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe without importing torch or loading weights")
     _recipe_args(p)
+
+    p = sub.add_parser("data", help="audit a recipe's data: token counts, masks (trained tokens highlighted)")
+    _recipe_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per sample: input_ids, labels_mask, tokens")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples to render (default 3; with --json: all)")
     return parser
 
 
@@ -53,7 +59,20 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate}
+def cmd_data(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from finetune.audit import audit
+    from finetune.recipe import check_recipe, load_recipe
+
+    hf_logging.disable_progress_bar()
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_recipe(recipe)
+    show = args.samples if args.samples is not None else (-1 if args.json else 3)
+    return audit(recipe, as_json=args.json, show=show)
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
