@@ -6,7 +6,9 @@ gradient checkpointing and the optional LoRA adapter, and reports parameter coun
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def load_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, ModelIn
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     if m.quantize is not None:
-        raise RecipeError("model.quantize: quantized loading arrives with the adapter work; use null for now")
+        kwargs.update(quantization_kwargs(recipe))
     if m.init_config is not None:
         config = load_config(recipe, tokenizer)
         model = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -107,20 +109,258 @@ def load_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, ModelIn
     return model, ModelInfo(total, trainable, str(dtype).removeprefix("torch."), source, notes)
 
 
-def add_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
+# ----------------------------------------------------------------------------------------------
+# Quantized loading (QLoRA)
+
+# transformers' own floor for bitsandbytes quantization (transformers.utils.import_utils).
+BNB_MIN_VERSION = "0.46.1"
+
+
+def quant_compute_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype bitsandbytes computes in: an explicit model.dtype, else bf16 on a GPU that has it,
+    fp16 on older GPUs, fp32 on the CPU (where bf16 matmuls are slow and the 4-bit path exists
+    for tests and smoke runs)."""
+    if recipe.model.dtype in ("bfloat16", "float16"):
+        return DTYPES[recipe.model.dtype]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_quantization_supported(recipe: Recipe) -> list[str]:
+    """Raises RecipeError when model.quantize cannot work here; returns notes for the plan.
+
+    Loads no weights, but imports torch and bitsandbytes and quantizes one 64x64 layer on the
+    device that training will use: whether a bitsandbytes build supports a device is only
+    reliably known by trying (CPU support for 4-bit arrived in the 0.4x series).
+    """
+    q = recipe.model.quantize
+    if q is None:
+        return []
+    if recipe.model.init_config is not None:
+        raise RecipeError(f"model.quantize: {q} quantizes pretrained weights; a model built from "
+                          "model.init_config has none (use model.name, or model.quantize=null)")
+    if recipe.adapter is None:
+        raise RecipeError(f"model.quantize: a {q} base cannot be fine-tuned in full; add an adapter: "
+                          "section (QLoRA), or set model.quantize=null")
+    import importlib.metadata
+    import importlib.util
+
+    from packaging.version import Version
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(f"model.quantize: {q} needs the bitsandbytes package, which is not installed "
+                          "(pip install bitsandbytes), or set model.quantize=null")
+    version = importlib.metadata.version("bitsandbytes")
+    if Version(version) < Version(BNB_MIN_VERSION):
+        raise RecipeError(f"model.quantize: bitsandbytes {version} is too old for transformers' "
+                          f"quantized loading (needs >= {BNB_MIN_VERSION})")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    compute = quant_compute_dtype(recipe)
+    problem = _bnb_probe(q, device, compute)
+    if problem:
+        raise RecipeError(f"model.quantize: {q} is not supported by bitsandbytes {version} on this machine "
+                          f"({device}): {problem}; run on a CUDA GPU or set model.quantize=null")
+    what = "4-bit NF4 with double quantization" if q == "4bit" else "8-bit LLM.int8()"
+    return [f"base quantized on {device}: {what}, compute {str(compute).removeprefix('torch.')} "
+            f"(bitsandbytes {version}); gradient checkpointing on (QLoRA)"]
+
+
+@functools.cache
+def _bnb_probe(quantize: str, device: str, compute: torch.dtype) -> str | None:
+    """None when one quantized layer runs forward on `device`, else why not (one line)."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # noqa: BLE001 - a broken native library surfaces here in many forms
+        return f"import failed: {_first_line(e)}"
+    # Builds without this attribute (before the multi-backend work) are CUDA-only.
+    supported = getattr(bnb, "supported_torch_devices", {"cuda"})
+    if device not in supported:
+        return f"this build supports {', '.join(sorted(supported))} only"
+    try:
+        if quantize == "4bit":
+            layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=compute, quant_type="nf4")
+            x = torch.randn(2, 64, dtype=compute)
+        else:
+            layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+            x = torch.randn(2, 64, dtype=torch.float16)
+        y = layer.to(device)(x.to(device))
+        if not torch.isfinite(y).all():
+            return "a quantized layer produced non-finite outputs"
+    except Exception as e:  # noqa: BLE001 - any failure means: not usable here
+        return f"{type(e).__name__}: {_first_line(e)}"
+    return None
+
+
+def quantization_kwargs(recipe: Recipe) -> dict:
+    """from_pretrained kwargs for model.quantize: the BitsAndBytesConfig and the device to load on."""
+    import os
+
+    from transformers import BitsAndBytesConfig
+
+    check_quantization_supported(recipe)
+    compute = quant_compute_dtype(recipe)
+    if recipe.model.quantize == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # Weights are quantized as they are placed, so each process loads straight onto its own GPU.
+    device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def quantization_of(model: torch.nn.Module) -> str | None:
+    if getattr(model, "is_loaded_in_4bit", False):
+        return "4bit"
+    if getattr(model, "is_loaded_in_8bit", False):
+        return "8bit"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters
+
+
+@dataclass
+class AdapterSetup:
+    """What add_adapter decided, attached to the returned model as `adapter_setup` (see adapter_notes)."""
+
+    target_modules: list[str]  # leaf names of the layers that got LoRA
+    new_token_ids: list[int]  # embedding rows added for new tokens (resize), trained by the adapter
+    new_token_training: str | None  # "trainable_token_indices" | "modules_to_save" | None
+    new_token_layers: list[str]
+    quantized: str | None  # "4bit" | "8bit" | None
+
+    def notes(self) -> list[str]:
+        notes = [f"LoRA on {', '.join(self.target_modules)}"]
+        if self.quantized:
+            notes.append(f"QLoRA: {self.quantized} base prepared with prepare_model_for_kbit_training, "
+                         "gradient checkpointing on")
+        if self.new_token_training == "trainable_token_indices":
+            notes.append(f"{len(self.new_token_ids)} added token rows trained in {', '.join(self.new_token_layers)} "
+                         "(peft trainable_token_indices: only those rows, saved with the adapter)")
+        elif self.new_token_training == "modules_to_save":
+            notes.append(f"{len(self.new_token_ids)} added token rows trained through adapter.modules_to_save "
+                         f"({', '.join(self.new_token_layers)} in full)")
+        return notes
+
+
+def adapter_notes(model: torch.nn.Module) -> list[str]:
+    """Plan notes for a model returned by add_adapter ([] for a model without an adapter)."""
+    setup = getattr(model, "adapter_setup", None)
+    return setup.notes() if setup is not None else []
+
+
+def add_adapter(model: torch.nn.Module, recipe: Recipe, new_token_ids: list[int] | None = None) -> torch.nn.Module:
+    """Wraps the model in a peft LoRA adapter (QLoRA when it was loaded quantized).
+
+    Rows of tokens that this run added to the vocabulary (`new_token_ids`; by default the rows
+    beyond the checkpoint's vocab_size) are random and must be trained: they go through peft's
+    trainable_token_indices, which trains and saves only those rows of the input embedding and
+    of an untied output head (a tied head follows the embedding). A layer the user already put
+    in adapter.modules_to_save trains in full instead.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     a = recipe.adapter
+    targets = resolve_target_modules(model, a.target_modules)
+    check_modules_to_save(model, a.modules_to_save)
+    new_ids = added_token_ids(model, recipe) if new_token_ids is None else list(new_token_ids)
+    token_layers, how = _new_token_layers(model, new_ids, a.modules_to_save)
+    quantized = quantization_of(model)
+    if quantized:
+        # Casts norms/embeddings to fp32 and freezes the base; non-reentrant checkpointing as in load_model.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        model.config.use_cache = False
     config = LoraConfig(
         r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
         modules_to_save=a.modules_to_save, use_dora=a.use_dora, use_rslora=a.use_rslora,
+        trainable_token_indices={name: new_ids for name in token_layers} or None,
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as e:
-        raise RecipeError(f"adapter.target_modules: {_first_line(e)}") from None
+        raise RecipeError(f"adapter: {_first_line(e)}; the model's linear layers are: "
+                          f"{', '.join(linear_layer_names(model))}") from None
+    peft_model.adapter_setup = AdapterSetup(targets, new_ids, how, token_layers if how else [], quantized)
+    return peft_model
 
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Distinct leaf names of the layers LoRA can target by name, the output head excluded."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's Conv1D
+        if linear and module is not head and name:
+            names.setdefault(name.rsplit(".", 1)[-1])
+    return list(names)
+
+
+def resolve_target_modules(model: torch.nn.Module, target: str | list[str]) -> list[str]:
+    """The leaf names LoRA will wrap; RecipeError naming the linear layers when a name matches nothing.
+
+    peft's rules: a list entry matches a module whose full name equals it or ends in ".entry";
+    a string other than "all-linear" is a regular expression over full module names.
+    """
+    linear = linear_layer_names(model)
+    if target == "all-linear":
+        return linear
+    module_names = [n for n, _ in model.named_modules() if n]
+    if isinstance(target, str):
+        matched = [n for n in module_names if re.fullmatch(target, n)]
+        if not matched:
+            raise RecipeError(f"adapter.target_modules: the pattern {target!r} matches no module; the model's "
+                              f"linear layers are: {', '.join(linear)} (or use all-linear)")
+        return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in matched))
+    missing = [t for t in target if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if missing:
+        raise RecipeError(f"adapter.target_modules: {', '.join(map(repr, missing))} not in the model; its "
+                          f"linear layers are: {', '.join(linear)} (or use all-linear)")
+    return list(target)
+
+
+def check_modules_to_save(model: torch.nn.Module, names: list[str] | None) -> None:
+    module_names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in names or () if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if missing:
+        owners = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                               if n and any(True for _ in m.parameters(recurse=False)))
+        raise RecipeError(f"adapter.modules_to_save: {', '.join(map(repr, missing))} not in the model; its "
+                          f"layers with weights are: {', '.join(owners)}")
+
+
+def added_token_ids(model: torch.nn.Module, recipe: Recipe) -> list[int]:
+    """Embedding rows beyond the checkpoint's vocab_size, i.e. tokens added by this run (resized)."""
+    if recipe.model.name is None:  # built from scratch: every row is new and trains anyway
+        return []
+    try:
+        vocab = load_config(recipe).get_text_config().vocab_size
+    except UserError:
+        return []
+    rows = model.get_input_embeddings().weight.shape[0]
+    return list(range(vocab, rows)) if vocab and rows > vocab else []
+
+
+def _new_token_layers(model, new_ids: list[int], modules_to_save: list[str] | None) -> tuple[list[str], str | None]:
+    """Which layers get trainable_token_indices for the new rows, and how the rows are trained."""
+    if not new_ids:
+        return [], None
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    layers = [names[id(embed)]]
+    # A tied head shares the embedding's rows: peft ties its token adapter to the embedding's.
+    if head is not None and head.weight is not embed.weight:
+        layers.append(names[id(head)])
+    saved = set(modules_to_save or ())
+    wanted = [n for n in layers if n not in saved]
+    if not wanted:
+        return layers, "modules_to_save"
+    return wanted, "trainable_token_indices"
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     seen: set[int] = set()

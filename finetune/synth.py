@@ -68,21 +68,25 @@ def question(rng: random.Random, a: int, op: str, b: int) -> str:
 
 
 def chat_rows(rng: random.Random, problems: list) -> list[dict]:
-    """SFT conversations: one or two question/answer turns; the answer is the bare number."""
+    """SFT conversations: one or two question/answer turns.
+
+    The reply restates the fact ("7 + 5 = 12"): SFT then teaches the chat format and reuses what
+    pretraining stored, instead of a new question -> number mapping a tiny model learns slowly.
+    """
     rows = []
     for a, op, b in problems:
         messages = [{"role": "user", "content": question(rng, a, op, b)},
-                    {"role": "assistant", "content": str(answer(a, op, b))}]
+                    {"role": "assistant", "content": fact(a, op, b)}]
         if rng.random() < 0.3:  # some multi-turn rows, so masks over several turns are exercised
             a2, op2, b2 = rng.choice(problems)
             messages += [{"role": "user", "content": question(rng, a2, op2, b2)},
-                         {"role": "assistant", "content": str(answer(a2, op2, b2))}]
+                         {"role": "assistant", "content": fact(a2, op2, b2)}]
         rows.append({"messages": messages})
     return rows
 
 
 def prompt_rows(rng: random.Random, problems: list) -> list[dict]:
-    """Prompts with checkable answers, for rejection sampling, PPO and exact-match eval."""
+    """Prompts with checkable answers (the number), for rejection sampling, PPO and eval."""
     return [{"prompt": question(rng, a, op, b), "answer": str(answer(a, op, b))} for a, op, b in problems]
 
 

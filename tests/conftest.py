@@ -49,3 +49,36 @@ def tiny_pretrain_recipe(tmp: Path, **run) -> dict:
         "run": {"output_dir": str(tmp / "out"), "max_steps": 6, "micro_batch_size": 4, "log_every": 1,
                 "seed": 1, **run},
     }
+
+
+def save_tiny_chat_model(path: Path, texts: list[str] | None = None) -> Path:
+    """A tiny random Llama + BPE tokenizer with the ChatML template, saved like a Hub model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finetune.tokenizer import train_bpe_tokenizer
+
+    texts = texts or [f"What is {a} + {b}? {a} + {b} = {a + b}" for a in range(20) for b in range(20)]
+    tok = train_bpe_tokenizer(texts, vocab_size=320, chat_template="chatml")
+    cfg = dict(TINY_LLAMA)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        cfg.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **cfg))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_sft_recipe(tmp: Path, model_dir: Path, **run) -> dict:
+    return {
+        "model": {"name": str(model_dir)},
+        "tokenizer": {"chat_template": "chatml", "max_length": 64},
+        "data": {"train": [{"path": str(ROOT / "data/quickstart/sft_train.jsonl"), "format": "messages",
+                            "max_samples": 48}],
+                 "eval": [{"path": str(ROOT / "data/quickstart/sft_eval.jsonl"), "format": "messages",
+                           "max_samples": 8}]},
+        "trainer": {"type": "sft", "exact_match_samples": 4, "max_new_tokens": 8},
+        "optim": {"lr": 3e-3},
+        "run": {"output_dir": str(tmp / "sft"), "max_steps": 8, "micro_batch_size": 8, "log_every": 1, **run},
+    }
