@@ -127,12 +127,13 @@ def build_scheduler(recipe: Recipe, optimizer, steps: int):
 def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: Path | None = None) -> Path:
     """Runs the supervised loop to the end; returns <output_dir>/final."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     out = Path(recipe.run.output_dir)
     run = recipe.run
     accelerator = accelerator or Accelerator(
-        mixed_precision=resolve_precision(recipe), log_with=run.report_to or None, project_dir=str(out)
+        mixed_precision=resolve_precision(recipe), log_with=run.report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(run.seed)
     stream = MicroBatchStream(len(task.train_units), run.micro_batch_size, accelerator.num_processes,
@@ -176,13 +177,27 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
             _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, steps, stream,
                         logger, window)
         final = save_final(accelerator, model, task.tokenizer, out)
+    except BaseException:
+        release_accelerator()
+        raise
     finally:
         logger.close()
     if run.sample_prompts and accelerator.is_main_process:
         print_samples(accelerator.unwrap_model(model), task.tokenizer, run.sample_prompts,
                       run.sample_max_new_tokens)
     accelerator.end_training()
+    release_accelerator()
     return final
+
+
+def release_accelerator() -> None:
+    """Forget this run's mixed-precision and accumulation settings (accelerate keeps them in a
+    process-wide singleton), so the next stage in the same process may choose its own. The
+    distributed process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def accumulate_gradients(accelerator, model, task: SupervisedTask, micro: list[Batch], window=None,

@@ -170,3 +170,30 @@ def test_refuses_to_overwrite_a_finished_run(in_tmp):
     (in_tmp / "out" / "final").mkdir(parents=True)
     with pytest.raises(RecipeError, match="already holds a finished run"):
         run_recipe(recipe_from_dict(data))
+
+
+def losses_of(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+def test_gradient_checkpointing_changes_nothing_numerically(in_tmp):
+    plain = tiny_pretrain_recipe(in_tmp, max_steps=3, output_dir=str(in_tmp / "plain"))
+    ckpt = tiny_pretrain_recipe(in_tmp, max_steps=3, output_dir=str(in_tmp / "gc"))
+    ckpt["model"]["gradient_checkpointing"] = True
+    run_recipe(recipe_from_dict(plain))
+    run_recipe(recipe_from_dict(ckpt))
+    assert losses_of(in_tmp / "gc") == pytest.approx(losses_of(in_tmp / "plain"), rel=1e-5)
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("run", "precision", "bf16"), ("optim", "name", "adamw_8bit"), ("run", "report_to", ["tensorboard"]),
+    ("run", "grad_accum", 3),
+])
+def test_engine_options_run_and_learn(in_tmp, section, key, value):
+    data = tiny_pretrain_recipe(in_tmp, max_steps=5)
+    data[section][key] = value
+    run_recipe(recipe_from_dict(data))  # several in one process: accelerate state is released
+    losses = losses_of(in_tmp / "out")
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    if value == ["tensorboard"]:
+        assert list((in_tmp / "out" / "logs").rglob("events.out.tfevents.*"))
