@@ -132,6 +132,9 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
     out = Path(recipe.run.output_dir)
     run = recipe.run
     accelerator = accelerator or Accelerator(
+        # cpu=True on a machine without CUDA: otherwise accelerate ignores a torchrun/accelerate
+        # process group there and every process trains alone (gloo is the CPU backend).
+        cpu=not torch.cuda.is_available(),
         mixed_precision=resolve_precision(recipe), log_with=run.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )

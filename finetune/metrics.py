@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,5 +91,7 @@ def _round(v):
 
 
 def info(message: str, accelerator=None) -> None:
-    if accelerator is None or accelerator.is_main_process:
+    """Prints on the main process only (rank from accelerate, or from the launcher's env)."""
+    main = accelerator.is_main_process if accelerator is not None else os.environ.get("RANK", "0") == "0"
+    if main:
         console.print(message, soft_wrap=True)

@@ -91,12 +91,86 @@ class AdapterCfg(Section):
     use_rslora: bool = False
 
 
+class SamplingCfg(Section):
+    """Rollouts for rs_sft, ppo and eval: plain temperature sampling unless told otherwise."""
+
+    n: int = Field(4, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class RewardCfg(Section):
+    """One reward component; several are summed with their weights (finetune.rewards)."""
+
+    type: Literal["exact_match", "numeric", "regex", "length", "model", "function"]
+    weight: float = 1.0
+    column: str = "answer"           # exact_match / numeric: the reference column of the prompt row
+    pattern: str | None = None       # regex: reward 1 when the completion matches
+    min_length: int | None = Field(None, ge=0)  # length: reward 1 inside [min_length, max_length] chars
+    max_length: int | None = Field(None, ge=0)
+    path: str | None = None          # model: a reward-model directory (trainer.type reward output)
+    function: str | None = None      # function: "package.module:callable"
+
+    @model_validator(mode="after")
+    def _needs(self) -> RewardCfg:
+        # Each type's own key must be there: a regex reward without a pattern would score nothing.
+        need = {"regex": "pattern", "model": "path", "function": "function"}.get(self.type)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"a {self.type} reward needs `{need}`")
+        if self.type == "regex":
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {e}") from None
+        if self.type == "length":
+            if self.min_length is None and self.max_length is None:
+                raise ValueError("a length reward needs min_length and/or max_length")
+            if None not in (self.min_length, self.max_length) and self.min_length > self.max_length:
+                raise ValueError(f"min_length {self.min_length} > max_length {self.max_length}")
+        if self.type == "function" and not re.fullmatch(r"[\w.]+:[\w.]+", self.function):
+            raise ValueError(f"function {self.function!r} must be an import path 'package.module:callable'")
+        return self
+
+
+class RewardModelCfg(Section):
+    """reward trainer: pairwise Bradley-Terry loss options."""
+
+    use_margin: bool = False         # subtract the row's `margin` column inside the sigmoid
+    center_coef: float = Field(0.0, ge=0)  # penalty on (r_chosen + r_rejected)^2, keeps rewards centred
+
+
+class RejectionCfg(Section):
+    """rs_sft: rounds of sample -> score -> select -> SFT."""
+
+    rounds: int = Field(2, ge=1)
+    select: Literal["best_of_n", "top_k", "threshold", "all_correct"] = "best_of_n"
+    k: int = Field(1, ge=1)          # top_k: keep the k best per prompt
+    threshold: float = 1.0           # threshold / all_correct: minimum reward kept
+    max_per_prompt: int = Field(1, ge=1)
+    dedupe: Literal["exact", "whitespace", "none"] = "whitespace"
+    keep: Literal["accumulate", "latest"] = "accumulate"
+    restart: Literal["previous", "base"] = "previous"
+    sft_data: list[DataSource] | None = None  # optionally mixed into every round's SFT set
+    min_reward: float | None = None  # best_of_n / top_k: also require reward >= min_reward (null: any)
+    # Held-out pass@1 / pass@n: scored with these (null: trainer.rewards); a completion passes
+    # when its score >= pass_threshold (1 = a 0/1 verifier's "correct").
+    eval_rewards: list[RewardCfg] | None = None
+    pass_threshold: float = 1.0
+
+
 class TrainerCfg(Section):
     type: Literal[TRAINER_TYPES]  # type: ignore[valid-type]
     train_on: Literal["assistant", "last_assistant", "completion", "all"] = "assistant"
     # sft: greedy exact-match of the last assistant turn on this many eval conversations (0: off)
     exact_match_samples: int = Field(100, ge=0)
     max_new_tokens: int = Field(64, gt=0)
+    sampling: SamplingCfg = Field(default_factory=SamplingCfg)
+    rewards: list[RewardCfg] = Field(default_factory=list)
+    reward_model: RewardModelCfg = Field(default_factory=RewardModelCfg)
+    rejection: RejectionCfg = Field(default_factory=RejectionCfg)
 
 
 class OptimCfg(Section):
