@@ -81,7 +81,7 @@ def render(tokenizer, sample: dict, brackets: bool | None = None) -> Text:
     """Trained tokens highlighted; without a terminal (logs, CI) trained runs are bracketed ⟦...⟧."""
     brackets = not console.is_terminal if brackets is None else brackets
     text, mask = Text(), labels_mask(sample)
-    for i, (token_id, trained) in enumerate(zip(sample["input_ids"], mask)):
+    for i, (token_id, trained) in enumerate(zip(sample["input_ids"], mask, strict=True)):
         piece = tokenizer.decode([token_id]).replace("\n", "\u23ce\n")
         if brackets and trained and (i == 0 or not mask[i - 1]):
             text.append("⟦")

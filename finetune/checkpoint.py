@@ -96,8 +96,11 @@ def load_weights(model, model_dir: Path) -> None:
     if adapter.is_file():
         from peft import set_peft_model_state_dict
 
+        from finetune.model import is_tied_token_key
+
         result = set_peft_model_state_dict(model, load_file(adapter))
-        unexpected = getattr(result, "unexpected_keys", [])
+        # peft saves the added-token delta under both tied names; one of them is expected to dangle.
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if not is_tied_token_key(model, k)]
         if unexpected:
             raise RuntimeError(f"{adapter}: unexpected adapter keys {unexpected[:3]}")
         return

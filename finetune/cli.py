@@ -14,6 +14,10 @@ from finetune import __version__
 from finetune.errors import UserError
 
 
+class UsageError(UserError):
+    """Wrong command-line usage (exit 2)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description="LLM fine-tuning from YAML recipes.")
     parser.add_argument("--version", action="version", version=f"finetune {__version__}")
@@ -25,6 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe without importing torch or loading weights")
     _recipe_args(p)
+
+    p = sub.add_parser("launch", help="run a recipe in N processes (x M nodes) through accelerate launch")
+    _recipe_args(p)
+    p.add_argument("--num-processes", type=int, help="processes per node (CPU processes with gloo without GPUs)")
+    p.add_argument("--gpus", type=int, help="alias of --num-processes that also checks the visible GPUs")
+    p.add_argument("--nnodes", type=int, help="number of nodes (machines)")
+    p.add_argument("--node-rank", type=int, help="this node's rank, 0..nnodes-1")
+    p.add_argument("--master", help="host:port of node 0 (rendezvous)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp", "zero2", "zero3"])
+
+    p = sub.add_parser("env", help="versions, devices and what each launch strategy needs")
+    p.add_argument("--strategy", choices=["ddp", "fsdp", "zero2", "zero3"])
+
+    from finetune.merge import add_merge_arguments
+
+    add_merge_arguments(sub.add_parser("merge", help="fold a LoRA adapter into its base model, verified"))
 
     p = sub.add_parser("data", help="audit a recipe's data: token counts, masks (trained tokens highlighted)")
     _recipe_args(p)
@@ -44,6 +64,10 @@ def cmd_validate(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     notes = check_recipe(recipe)
+    if recipe.model.quantize:  # needs torch/bitsandbytes: only imported when quantization is asked for
+        from finetune.model import check_quantization_supported
+
+        notes += check_quantization_supported(recipe)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"{args.recipe}: ok ({recipe.trainer.type}, output {recipe.run.output_dir})")
@@ -72,7 +96,34 @@ def cmd_data(args) -> int:
     return audit(recipe, as_json=args.json, show=show)
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data}
+def cmd_launch(args) -> int:
+    from finetune.launch import launch_processes
+    from finetune.recipe import load_recipe
+
+    if args.gpus is not None and args.num_processes is not None:
+        raise UsageError("give either --gpus or --num-processes")
+    flags = {"num_processes": args.gpus if args.gpus is not None else args.num_processes,
+             "nnodes": args.nnodes, "node_rank": args.node_rank, "master": args.master, "strategy": args.strategy}
+    overrides = list(args.overrides) + [f"launch.{k}={v}" for k, v in flags.items() if v is not None]
+    recipe = load_recipe(args.recipe, overrides)
+    return launch_processes(args.recipe, overrides, recipe, gpus_requested=args.gpus is not None)
+
+
+def cmd_merge(args) -> int:
+    from finetune.merge import cmd_merge as merge
+
+    return merge(args)
+
+
+def cmd_env(args) -> int:
+    from finetune.doctor import report
+
+    print("\n".join(report(args.strategy)))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "launch": cmd_launch, "env": cmd_env,
+            "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

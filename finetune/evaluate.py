@@ -47,5 +47,5 @@ def exact_match(model, tokenizer, prompts: list[list[dict]], references: list[st
                 max_new_tokens: int = 32) -> tuple[float, list[str]]:
     """Fraction of greedy completions equal to the reference after normalisation."""
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens)
-    hits = [normalize_answer(c) == normalize_answer(r) for c, r in zip(completions, references)]
+    hits = [normalize_answer(c) == normalize_answer(r) for c, r in zip(completions, references, strict=True)]
     return (sum(hits) / len(hits) if hits else 0.0), completions

@@ -65,7 +65,7 @@ class MergeReport:
 
     def lines(self) -> list[str]:
         recorded = "" if self.recorded_base in (None, self.base) else f" (adapter recorded {self.recorded_base})"
-        quant = f", adapter trained on a {self.trained_quantization} base" if self.trained_quantization else ""
+        quant = f", adapter trained on it quantized ({self.trained_quantization})" if self.trained_quantization else ""
         out = [
             f"merged     {self.adapter_dir} -> {self.out_dir}",
             f"base       {self.base}{recorded}{quant}",
@@ -229,14 +229,18 @@ def _merge_into(plan: _Plan, tmp: Path, max_shard_size, device: str) -> MergeRep
     with torch.no_grad():
         reference = _logits(model, probes)
         with model.disable_adapter():
-            effect = max((r - b).abs().max().item() for r, b in zip(reference, _logits(model, probes)))
+            effect = max((r - b).abs().max().item() for r, b in zip(reference, _logits(model, probes), strict=True))
+    tied = bool(getattr(model.get_base_model().config.get_text_config(), "tie_word_embeddings", False))
     merged = model.merge_and_unload(safe_merge=True)
-    notes = list(plan.notes) + _retie_embeddings(merged)
+    notes = list(plan.notes) + _retie_embeddings(merged, tied)
     if effect == 0.0:
         notes.append("the adapter does not change the base's logits (untrained? lora_B is zero)")
     tokenizer, tok_source = _tokenizer(plan)
+    rows = merged.get_input_embeddings().weight.shape[0]
     if tokenizer is None:
         notes.append("no tokenizer beside the adapter or in the base: none written")
+    elif len(tokenizer) > rows:
+        notes.append(f"warning: the tokenizer has {len(tokenizer)} tokens but the model {rows} embedding rows")
     if tokenizer is not None and merged.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         merged.config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
@@ -251,8 +255,9 @@ def _merge_into(plan: _Plan, tmp: Path, max_shard_size, device: str) -> MergeRep
         raise MergeVerificationError(f"merged model's logits differ from base+adapter by {diff:.3g} "
                                      f"(tolerance {tolerance:.3g} for {SHORT[plan.dtype]}); nothing written{hint}")
     if plan.trained_quantization:
-        notes.append(f"the adapter was trained on a {plan.trained_quantization}-quantized base; it was merged onto "
-                     f"the unquantized {plan.base} in {SHORT[plan.dtype]}, so outputs differ slightly from training's")
+        notes.append(f"QLoRA: the adapter was trained on the base quantized to {plan.trained_quantization}; it was "
+                     f"merged onto the unquantized {plan.base} in {SHORT[plan.dtype]}, so outputs differ slightly "
+                     "from those seen in training")
     report = MergeReport(
         adapter_dir=str(plan.adapter_dir), out_dir=str(plan.out_dir), base=plan.base,
         recorded_base=plan.recorded_base, dtype=SHORT[plan.dtype], max_abs_logit_diff=diff, tolerance=tolerance,
@@ -268,17 +273,16 @@ def _load_with_adapter(plan: _Plan, torch_dtype, device: str):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
+    from finetune.model import is_tied_token_key
+
     try:
         base = AutoModelForCausalLM.from_pretrained(plan.base, dtype=torch_dtype).to(device)
     except (OSError, ValueError) as e:
         raise MergeError(f"cannot load the base model {plan.base!r}: {_first_line(e)}") from None
     state = _load_adapter_state(plan.weights)
-    rows = _adapter_vocab_rows(base, state)
-    if rows is None:  # no embedding saved: size like training did (resize only when the tokenizer is larger)
-        tokenizer, _ = _tokenizer(plan)
-        rows = len(tokenizer) if tokenizer is not None else None
-        rows = rows if rows and rows > base.get_input_embeddings().weight.shape[0] else None
+    rows = _adapter_vocab_rows(base, state, plan.config)
     if rows is not None and rows != base.get_input_embeddings().weight.shape[0]:
+        # Training resized the embeddings for added tokens; their rows come with the adapter.
         base.resize_token_embeddings(rows, mean_resizing=False)
     fields = set(LoraConfig.__dataclass_fields__)
     config = LoraConfig(**{k: v for k, v in plan.config.items() if k in fields})
@@ -287,15 +291,19 @@ def _load_with_adapter(plan: _Plan, torch_dtype, device: str):
         model = get_peft_model(base, config)
         result = set_peft_model_state_dict(model, state)
     except (ValueError, RuntimeError, KeyError, IndexError) as e:
-        raise MergeError(f"adapter {plan.adapter_dir} does not fit base {plan.base!r}: {_first_line(e)}") from None
-    unexpected = list(getattr(result, "unexpected_keys", []))
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k or "trainable_tokens" in k
-               or "modules_to_save" in k]
+        raise MergeError(f"adapter {plan.adapter_dir} does not fit base {plan.base!r}: {_load_error(e)}") from None
+    # peft saves a tied head's token rows too when training resized the vocab; they are the embedding's.
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if not is_tied_token_key(model, k)]
+    missing = [k for k in getattr(result, "missing_keys", []) if _is_adapter_key(k) and not is_tied_token_key(model, k)]
     if unexpected or missing:
         shown = (unexpected or missing)[:2]
         raise MergeError(f"adapter {plan.adapter_dir} does not fit base {plan.base!r}: "
                          f"{'unexpected' if unexpected else 'missing'} adapter keys {shown}")
     return model.to(device).eval()
+
+
+def _is_adapter_key(key: str) -> bool:
+    return any(part in key for part in ("lora_", "trainable_tokens", "modules_to_save"))
 
 
 def _load_adapter_state(weights: Path) -> dict:
@@ -307,15 +315,26 @@ def _load_adapter_state(weights: Path) -> dict:
     return torch.load(weights, map_location="cpu", weights_only=True)
 
 
-def _adapter_vocab_rows(base, state: dict) -> int | None:
-    """Rows of the embedding saved with the adapter (peft saves it when training resized it)."""
-    name = next(n for n, m in base.named_modules() if m is base.get_input_embeddings())
+def _load_error(e: BaseException) -> str:
+    """torch's state-dict errors put the useful part ("size mismatch for ...") on a later line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else type(e).__name__)
+
+
+def _adapter_vocab_rows(base, state: dict, config: dict) -> int | None:
+    """The vocabulary size the adapter was trained with, when it tells: the rows of an embedding or
+    head saved with it (peft saves them when training resized them; modules_to_save copies), else
+    the highest trainable token index."""
+    layers = [m for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None]
+    names = [n for n, m in base.named_modules() if any(m is layer for layer in layers)]
     for key, value in state.items():
-        parts = key.split(".")
-        if f".{name}." in f".{key}" and value.ndim == 2 and "lora_" not in key and "trainable_tokens" not in key \
-                and parts[-1] == "weight":
+        if value.ndim == 2 and key.endswith(".weight") and "lora_" not in key and "trainable_tokens" not in key \
+                and any(f".{name}." in f".{key}" for name in names):
             return int(value.shape[0])
-    return None
+    indices = config.get("trainable_token_indices") or []
+    flat = [i for v in indices.values() for i in v] if isinstance(indices, dict) else list(indices)
+    rows = base.get_input_embeddings().weight.shape[0]
+    return max(flat) + 1 if flat and max(flat) >= rows else None
 
 
 def _probe_inputs(vocab: int, device: str) -> list:
@@ -333,21 +352,25 @@ def _logits(model, probes: list) -> list:
     return [model(input_ids=p, use_cache=False).logits.float().cpu() for p in probes]
 
 
-def _retie_embeddings(model) -> list[str]:
-    """Unloading a trained copy of a tied embedding (modules_to_save) can leave the head on the old
-    tensor: tie it back when equal, otherwise save both (untied) so the written model is what was merged."""
+def _retie_embeddings(model, tied_before: bool) -> list[str]:
+    """A tied embedding or head trained alone (modules_to_save) no longer equals its twin: save both,
+    untied, so the written model is the one that was merged (peft unties such a pair itself; this
+    also covers a head left on the old tensor). Equal weights are tied back."""
     import torch
 
+    if not tied_before:
+        return []
+    untied = ["input and output embeddings differ after the merge (one was trained alone): saved untied"]
     cfg = model.config.get_text_config()
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if not getattr(cfg, "tie_word_embeddings", False) or out is None or out.weight is inp.weight:
+    if out is None or out.weight is inp.weight:
         return []
     if out.weight.shape == inp.weight.shape and torch.equal(out.weight, inp.weight):
         out.weight = inp.weight
+        cfg.tie_word_embeddings = model.config.tie_word_embeddings = True
         return []
-    cfg.tie_word_embeddings = False
-    model.config.tie_word_embeddings = False
-    return ["input and output embeddings differ after the merge (one was trained alone): saved untied"]
+    cfg.tie_word_embeddings = model.config.tie_word_embeddings = False
+    return untied
 
 
 def _tokenizer(plan: _Plan):
@@ -376,7 +399,7 @@ def _verify_written(tmp: Path, torch_dtype, device: str, probes: list, reference
     with torch.no_grad():
         got = _logits(model, probes)
     del model
-    return max((g - r).abs().max().item() for g, r in zip(got, reference))
+    return max((g - r).abs().max().item() for g, r in zip(got, reference, strict=True))
 
 
 def _write_report(tmp: Path, report: MergeReport) -> None:
@@ -389,8 +412,8 @@ def _write_report(tmp: Path, report: MergeReport) -> None:
 
 
 def _readme(r: MergeReport) -> str:
-    quant = (f"\nThe adapter was trained on a {r.trained_quantization}-quantized base (QLoRA); it was merged onto "
-             f"the unquantized base above in {r.dtype}.\n" if r.trained_quantization else "")
+    quant = (f"\nQLoRA: the adapter was trained on the base quantized to {r.trained_quantization}; it was merged "
+             f"onto the unquantized base above in {r.dtype}.\n" if r.trained_quantization else "")
     notes = "".join(f"- {n}\n" for n in r.notes)
     return (
         f"# Merged model\n\nThe LoRA adapter `{r.adapter_dir}` folded into the base model `{r.base}`, "

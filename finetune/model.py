@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +102,15 @@ def load_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, ModelIn
         model.config.pad_token_id = tokenizer.pad_token_id
     if m.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (adapters) and torch.compile.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x names it activation checkpointing (the old name goes in v6).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if recipe.adapter is not None:
         model = add_adapter(model, recipe)
+        notes += adapter_notes(model)
     total, trainable = count_params(model)
     return model, ModelInfo(total, trainable, str(dtype).removeprefix("torch."), source, notes)
 
@@ -132,7 +138,7 @@ def check_quantization_supported(recipe: Recipe) -> list[str]:
 
     Loads no weights, but imports torch and bitsandbytes and quantizes one 64x64 layer on the
     device that training will use: whether a bitsandbytes build supports a device is only
-    reliably known by trying (CPU support for 4-bit arrived in the 0.4x series).
+    reliably known by trying (older builds are CUDA-only; recent ones also run on the CPU).
     """
     q = recipe.model.quantize
     if q is None:
@@ -161,9 +167,9 @@ def check_quantization_supported(recipe: Recipe) -> list[str]:
     if problem:
         raise RecipeError(f"model.quantize: {q} is not supported by bitsandbytes {version} on this machine "
                           f"({device}): {problem}; run on a CUDA GPU or set model.quantize=null")
-    what = "4-bit NF4 with double quantization" if q == "4bit" else "8-bit LLM.int8()"
-    return [f"base quantized on {device}: {what}, compute {str(compute).removeprefix('torch.')} "
-            f"(bitsandbytes {version}); gradient checkpointing on (QLoRA)"]
+    what = (f"4-bit NF4 with double quantization, compute {str(compute).removeprefix('torch.')}" if q == "4bit"
+            else "8-bit LLM.int8() (fp16 matmuls)")
+    return [f"base quantized on {device}: {what} (bitsandbytes {version}); gradient checkpointing on (QLoRA)"]
 
 
 @functools.cache
@@ -205,9 +211,16 @@ def quantization_kwargs(recipe: Recipe) -> dict:
                                     bnb_4bit_compute_dtype=compute)
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
+        # prepare_model_for_kbit_training keeps activations in fp32, and bitsandbytes then logs a
+        # warning for every int8 matmul of every step; the cast is expected, the flood is noise.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_warning)
     # Weights are quantized as they are placed, so each process loads straight onto its own GPU.
     device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
     return {"quantization_config": config, "device_map": {"": device}}
+
+
+def _drop_int8_cast_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
 def quantization_of(model: torch.nn.Module) -> str | None:
@@ -288,6 +301,22 @@ def add_adapter(model: torch.nn.Module, recipe: Recipe, new_token_ids: list[int]
                           f"{', '.join(linear_layer_names(model))}") from None
     peft_model.adapter_setup = AdapterSetup(targets, new_ids, how, token_layers if how else [], quantized)
     return peft_model
+
+
+def is_tied_token_key(model: torch.nn.Module, key: str) -> bool:
+    """Whether a saved adapter key holds the trainable token rows of a layer tied to the embedding's.
+
+    With a resized vocabulary peft saves the output head's entries beside the embedding's, the
+    tied head's token rows included; that layer owns no rows (it reads the embedding adapter's),
+    so loading reports the key as unexpected. Loaders skip such keys.
+    """
+    if ".trainable_tokens" not in key:
+        return False
+    try:
+        owner = model.get_submodule(key.split(".trainable_tokens")[0])
+    except AttributeError:
+        return False
+    return getattr(owner, "tied_adapter", None) is not None
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -389,3 +418,93 @@ def count_params_meta(recipe: Recipe, tokenizer=None) -> tuple[int, int]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward models: a causal LM with a scalar head (trainer.type reward; scored by rs_sft and ppo)
+
+
+def load_reward_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, ModelInfo]:
+    """model.name (a causal LM, or a reward model to continue) with a one-output scalar head.
+
+    transformers' *ForSequenceClassification(num_labels=1) puts a new linear `score` head on the
+    checkpoint's backbone (its lm_head goes unused). With an adapter, LoRA uses peft's SEQ_CLS
+    task: the head trains in full and is saved with the adapter (modules_to_save), so
+    AutoPeftModelForSequenceClassification.from_pretrained(final) loads the reward model.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    m = recipe.model
+    if m.name is None:
+        raise RecipeError("model.name: a reward model starts from a pretrained causal LM "
+                          "(model.init_config is not supported by trainer.type reward)")
+    dtype = weight_dtype(recipe)
+    kwargs = {"dtype": dtype, "num_labels": 1}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    if m.quantize is not None:
+        kwargs.update(quantization_kwargs(recipe))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            m.name, revision=m.revision, trust_remote_code=m.trust_remote_code, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name: cannot load {m.name!r} with a scalar head: {_first_line(e)}") from None
+    notes: list[str] = []
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        old = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        notes.append(f"resized embeddings {old} -> {len(tokenizer)} for added tokens")
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.adapter is not None:
+        model = _add_reward_adapter(model, recipe)
+    total, trainable = count_params(model)
+    return model, ModelInfo(total, trainable, str(dtype).removeprefix("torch."), f"{m.name} + scalar head", notes)
+
+
+def _add_reward_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    a = recipe.adapter
+    targets = [t for t in resolve_target_modules(model, a.target_modules) if t != "score"]
+    check_modules_to_save(model, a.modules_to_save)
+    new_ids = added_token_ids(model, recipe)
+    token_layers, how = _new_token_layers(model, new_ids, a.modules_to_save)
+    quantized = quantization_of(model)
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(
+        r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+        modules_to_save=a.modules_to_save, use_dora=a.use_dora, use_rslora=a.use_rslora,
+        trainable_token_indices={name: new_ids for name in token_layers} or None,
+        task_type="SEQ_CLS",  # peft then trains and saves the `score` head in full
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise RecipeError(f"adapter: {_first_line(e)}; the model's linear layers are: "
+                          f"{', '.join(linear_layer_names(model))}") from None
+    peft_model.adapter_setup = AdapterSetup(targets, new_ids, how, token_layers if how else [], quantized)
+    return peft_model
+
+
+def load_trained_reward_model(path: str | Path, device=None) -> torch.nn.Module:
+    """A reward model written by trainer.type reward (full weights or a SEQ_CLS adapter), in eval
+    mode: bf16 on a GPU that supports it, else fp32."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    if model.config.pad_token_id is None:  # batches of several rows need it (transformers' pooling)
+        model.config.pad_token_id = AutoTokenizer.from_pretrained(path).pad_token_id
+    return model.to(device or "cpu").eval()

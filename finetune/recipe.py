@@ -207,7 +207,14 @@ class RunCfg(Section):
 
 
 class LaunchCfg(Section):
-    num_processes: int = Field(1, gt=0)
+    """`finetune launch`: processes per node, nodes and the distribution strategy."""
+
+    num_processes: int = Field(1, gt=0)   # per node (GPUs per node; CPU processes without GPUs)
+    strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"
+    nnodes: int = Field(1, gt=0)
+    node_rank: int = Field(0, ge=0)
+    master: str | None = None             # "host:port" of node 0; required when nnodes > 1
+    fsdp_state_dict: Literal["full", "sharded"] = "full"
 
 
 class Recipe(Section):
@@ -497,6 +504,7 @@ def write_recipe(recipe: Recipe, path: Path) -> None:
 
 # Keys that may change between a run and its resumption: they do not change what is trained.
 RESUME_MUTABLE = {
+    ("run", "output_dir"),  # a moved run directory still resumes
     ("run", "max_steps"), ("run", "epochs"), ("run", "log_every"), ("run", "eval_every"),
     ("run", "save_every"), ("run", "keep_last"), ("run", "resume"), ("run", "overwrite"), ("run", "report_to"),
     ("run", "sample_prompts"), ("run", "sample_max_new_tokens"), ("run", "eval_batches"), ("run", "eval_at_start"),

@@ -66,7 +66,7 @@ def test_data_json_audit_marks_answers_and_stop_tokens(capsys, in_tmp, tiny_mode
     end = tok.convert_tokens_to_ids("<|im_end|>")
     for row in rows:
         assert len(row["input_ids"]) == len(row["labels_mask"]) == len(row["tokens"])
-        trained = "".join(t for t, m in zip(row["tokens"], row["labels_mask"]) if m)
+        trained = "".join(t for t, m in zip(row["tokens"], row["labels_mask"], strict=True) if m)
         # every assistant reply is trained together with its <|im_end|>, nothing else is
         assert trained.count("<|im_end|>") == sum(
             1 for i, t in enumerate(row["input_ids"]) if t == end and row["labels_mask"][i])

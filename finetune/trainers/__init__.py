@@ -10,6 +10,8 @@ import importlib
 REGISTRY = {
     "pretrain": "finetune.trainers.pretrain",
     "sft": "finetune.trainers.sft",
+    "reward": "finetune.trainers.reward",
+    "rs_sft": "finetune.trainers.rs_sft",
 }
 
 

@@ -1,0 +1,51 @@
+"""`finetune env`: the launch doctor — versions, devices, and what a strategy needs."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+
+
+def _version(name: str) -> str:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def report(strategy: str | None = None) -> list[str]:
+    import torch
+
+    lines = [f"python        {platform.python_version()} ({platform.machine()}, {platform.system()})"]
+    for pkg in ("finetune", "torch", "transformers", "accelerate", "peft", "trl", "datasets", "bitsandbytes",
+                "deepspeed", "liger-kernel"):
+        lines.append(f"{pkg:<13} {_version(pkg)}")
+    cuda = torch.cuda.is_available()
+    lines.append(f"cuda          {torch.version.cuda or 'none'} (available: {cuda})")
+    if cuda:
+        nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "?"
+        lines.append(f"nccl          {nccl}")
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"gpu {i}         {p.name}, {p.total_memory / 2**30:.1f} GiB, "
+                         f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+    else:
+        lines.append(f"cpu           {os.cpu_count()} cores; multi-process runs use gloo")
+    lines.append(f"distributed   {'available' if torch.distributed.is_available() else 'unavailable'}; "
+                 f"gloo {torch.distributed.is_gloo_available()}, nccl "
+                 f"{torch.distributed.is_nccl_available() if torch.distributed.is_available() else False}")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES"):
+        if os.environ.get(var):
+            lines.append(f"env           {var}={os.environ[var]}")
+    needs = {
+        "ddp": "torch.distributed (gloo on CPU, nccl on GPU); one process per GPU",
+        "fsdp": "torch >= 2.4 (FSDP2, fully_shard) and accelerate >= 1.4; GPUs for real speed",
+        "zero2": "deepspeed installed and CUDA GPUs",
+        "zero3": "deepspeed installed and CUDA GPUs",
+    }
+    for name, need in needs.items():
+        if strategy in (None, name):
+            ok = "ok" if name in ("ddp", "fsdp") or (_version("deepspeed") != "not installed" and cuda) else "missing"
+            lines.append(f"strategy {name:<5} {ok}: needs {need}")
+    return lines
