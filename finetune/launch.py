@@ -194,7 +194,9 @@ def launch_processes(recipe_path: str, overrides: list[str], recipe: Recipe, gpu
     check_launch(recipe, gpus_requested)
     out = Path(recipe.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "accelerate_config.yaml"
+    # One file per node: nodes sharing a file system must not overwrite each other's machine_rank.
+    suffix = f"-node{recipe.launch.node_rank}" if recipe.launch.nnodes > 1 else ""
+    config_path = out / f"accelerate_config{suffix}.yaml"
     config_path.write_text(yaml.safe_dump(accelerate_config(recipe), sort_keys=False))
     la = recipe.launch
     info(f"launching {la.num_processes} process(es) x {la.nnodes} node(s), strategy {la.strategy}; "

@@ -1,0 +1,119 @@
+"""`finetune launch`: two gloo processes on the CPU equal one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.cli import main
+from finetune.launch import run_recipe
+from finetune.recipe import recipe_from_dict
+from tests.conftest import save_tiny_chat_model, tiny_sft_recipe, write
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_chat_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sft(tmp, model_dir, name: str, micro_batch_size: int, **run) -> dict:
+    data = tiny_sft_recipe(tmp, model_dir, max_steps=3, micro_batch_size=micro_batch_size, **run)
+    data["run"]["output_dir"] = str(tmp / name)
+    return data
+
+
+def launch(tmp, data: dict, *flags: str, name: str = "r.yaml") -> subprocess.CompletedProcess:
+    path = write(tmp / name, json.dumps(data))
+    return subprocess.run([sys.executable, "-m", "finetune", "launch", str(path), *flags],
+                          capture_output=True, text=True, timeout=300)
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_weights(a, b) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-5)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(in_tmp, model_dir):
+    run_recipe(recipe_from_dict(sft(in_tmp, model_dir, "one", micro_batch_size=8)))
+    two = sft(in_tmp, model_dir, "two", micro_batch_size=4)
+    proc = launch(in_tmp, two, "--num-processes", "2", "--master", f"127.0.0.1:{free_port()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(in_tmp / "one", in_tmp / "two")
+    # rank 0 alone writes: one record per logged step, one final/, the generated accelerate config
+    steps = [json.loads(x)["step"] for x in (in_tmp / "two" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3]
+    assert "num_processes: 2" in (in_tmp / "two" / "accelerate_config.yaml").read_text()
+    assert "2 proc" in proc.stderr and proc.stderr.count("done:") == 1
+
+
+def test_two_process_run_resumes_after_a_restart(in_tmp, model_dir):
+    data = sft(in_tmp, model_dir, "run", micro_batch_size=4, save_every=2)
+    data["run"]["max_steps"] = 4
+    port = f"127.0.0.1:{free_port()}"
+    assert launch(in_tmp, data, "--num-processes", "2", "--master", port).returncode == 0
+    shutil.copytree(in_tmp / "run" / "final", in_tmp / "uninterrupted")
+    shutil.rmtree(in_tmp / "run" / "final")  # as if killed after the step-2 checkpoint
+    proc = launch(in_tmp, data, "--num-processes", "2", "--master", port)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and "step-2" in proc.stderr
+    a, b = load_file(in_tmp / "uninterrupted" / "model.safetensors"), weights(in_tmp / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_nodes_over_loopback(in_tmp, model_dir):
+    data = sft(in_tmp, model_dir, "nodes", micro_batch_size=4)
+    path = write(in_tmp / "r.yaml", json.dumps(data))
+    master = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "finetune", "launch", str(path), "--num-processes", "1",
+                               "--nnodes", "2", "--node-rank", str(rank), "--master", master],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    run_recipe(recipe_from_dict(sft(in_tmp, model_dir, "single", micro_batch_size=8)))
+    assert_same_weights(in_tmp / "single", in_tmp / "nodes")
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--gpus", "2"], "CUDA GPU(s) visible"),
+    (["--strategy", "zero3"], "needs DeepSpeed"),
+    (["--nnodes", "2"], "needs the address of node 0"),
+    (["--nnodes", "2", "--node-rank", "2", "--master", "10.0.0.1:29500"], "must be below"),
+    (["--gpus", "1", "--num-processes", "1"], "either --gpus or --num-processes"),
+])
+def test_bad_launches_fail_before_any_process(capsys, in_tmp, model_dir, flags, fragment):
+    path = write(in_tmp / "r.yaml", json.dumps(sft(in_tmp, model_dir, "out", 4)))
+    assert main(["launch", str(path), *flags]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (in_tmp / "out").exists()
+
+
+def test_port_in_use_is_reported(capsys, in_tmp, model_dir):
+    path = write(in_tmp / "r.yaml", json.dumps(sft(in_tmp, model_dir, "out", 4)))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["launch", str(path), "--num-processes", "2", "--master", f"127.0.0.1:{port}"]) == 2
+    assert f"port {port} is in use" in capsys.readouterr().err
