@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 recipe/usage/data errors (one line on stderr, no traceb
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, help="processes per node (CPU processes with gloo without GPUs)")
     p.add_argument("--gpus", type=int, help="alias of --num-processes that also checks the visible GPUs")
     p.add_argument("--nnodes", type=int, help="number of nodes (machines)")
-    p.add_argument("--node-rank", type=int, help="this node's rank, 0..nnodes-1")
+    p.add_argument("--node-rank", type=int, help="this node's rank, 0..nnodes-1 (default: $SLURM_NODEID or $NODE_RANK)")
     p.add_argument("--master", help="host:port of node 0 (rendezvous)")
     p.add_argument("--strategy", choices=["ddp", "fsdp", "zero2", "zero3"])
 
@@ -102,8 +103,13 @@ def cmd_launch(args) -> int:
 
     if args.gpus is not None and args.num_processes is not None:
         raise UsageError("give either --gpus or --num-processes")
+    node_rank = args.node_rank
+    if node_rank is None and args.nnodes and args.nnodes > 1:
+        # Under SLURM (srun) or a launcher that exports NODE_RANK, each node knows its own rank.
+        env = os.environ.get("SLURM_NODEID") or os.environ.get("NODE_RANK")
+        node_rank = int(env) if env and env.isdigit() else None
     flags = {"num_processes": args.gpus if args.gpus is not None else args.num_processes,
-             "nnodes": args.nnodes, "node_rank": args.node_rank, "master": args.master, "strategy": args.strategy}
+             "nnodes": args.nnodes, "node_rank": node_rank, "master": args.master, "strategy": args.strategy}
     overrides = list(args.overrides) + [f"launch.{k}={v}" for k, v in flags.items() if v is not None]
     recipe = load_recipe(args.recipe, overrides)
     return launch_processes(args.recipe, overrides, recipe, gpus_requested=args.gpus is not None)
@@ -126,7 +132,18 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "launch"
             "merge": cmd_merge}
 
 
+def quiet_libraries() -> None:
+    """Our progress output is the one to read: hide the Hub/transformers bars and a deprecation
+    warning that peft triggers inside transformers on every adapter load."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     # Flags may come before or after key=value overrides (`run r.yaml --dry-run optim.lr=1`):
     # argparse leaves overrides after a flag unparsed, so they are collected here.
