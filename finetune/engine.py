@@ -28,7 +28,7 @@ import torch
 
 from finetune import checkpoint
 from finetune.collate import Batch
-from finetune.errors import DataError
+from finetune.errors import DataError, RecipeError
 from finetune.losses import count_trained_tokens, token_ce_sum
 from finetune.metrics import MetricsLogger, info
 from finetune.recipe import Recipe, write_recipe
@@ -149,13 +149,18 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
     scheduler = build_scheduler(recipe, optimizer, steps)
     model, optimizer = accelerator.prepare(task.model, optimizer)
 
-    state = {"step": 0, "micro_index": 0, "tokens_seen": 0}
+    state = {"step": 0, "micro_index": 0, "tokens_seen": 0, "num_processes": accelerator.num_processes}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_recipe(recipe, out / "recipe.yaml")
         checkpoint.remove_partial_checkpoints(out)
     if resume_from is not None:
         state = checkpoint.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        saved = state.get("num_processes", accelerator.num_processes)
+        if saved != accelerator.num_processes:
+            # The data position counts micro-batches per rank: another world size would re-read or skip data.
+            raise RecipeError(f"run.resume: {resume_from} was written by {saved} process(es); resume it with "
+                              f"{saved}, not {accelerator.num_processes}")
         info(f"resumed from {resume_from} at step {state['step']}", accelerator)
     if run.report_to:
         accelerator.init_trackers(out.name, config=_flat_config(recipe))
