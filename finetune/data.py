@@ -165,7 +165,26 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def mix_sources(sources: list[DataSource], key: str, seed: int, convert) -> list:
+class BadRows:
+    """`data.on_bad_row`: a malformed row is fatal (`error`, default) or skipped and counted (`skip`),
+    with the first few reported by origin, until `data.max_bad_rows` is exceeded."""
+
+    def __init__(self, policy: str = "error", limit: int = 0) -> None:
+        self.policy, self.limit, self.count = policy, limit, 0
+
+    def handle(self, error: Exception) -> None:
+        if self.policy == "error":
+            raise error
+        self.count += 1
+        if self.count <= 3:
+            from finetune.metrics import info
+
+            info(f"[yellow]skipped bad row:[/] {error}")
+        if self.count > self.limit:
+            raise DataError(f"more than {self.limit} bad rows (data.max_bad_rows); the last: {error}")
+
+
+def mix_sources(sources: list[DataSource], key: str, seed: int, convert, bad: BadRows | None = None) -> list:
     """Rows of several sources, each converted by `convert(row, src)` and scaled by its weight.
 
     A weight w makes a source contribute round(w x rows) rows per epoch: whole repeats for the
@@ -174,7 +193,12 @@ def mix_sources(sources: list[DataSource], key: str, seed: int, convert) -> list
     rng = random.Random(seed)
     out = []
     for i, src in enumerate(sources):
-        items = [convert(row, src) for row in read_source(src, f"{key}.{i}.path", seed)]
+        items = []
+        for row in read_source(src, f"{key}.{i}.path", seed):
+            try:
+                items.append(convert(row, src))
+            except DataError as e:
+                (bad or BadRows()).handle(e)
         whole, frac = divmod(src.weight, 1.0)
         out.extend(items * int(whole))
         out.extend(rng.sample(items, round(frac * len(items))))
@@ -204,7 +228,7 @@ class EncodeStats:
 
 
 def encode_conversations(tokenizer, conversations: list, train_on: str, max_length: int, overflow: str,
-                         key: str) -> tuple[list[dict], EncodeStats]:
+                         key: str, bad: BadRows | None = None) -> tuple[list[dict], EncodeStats]:
     """Chat-templated samples with label masks; samples with no trained token are skipped."""
     from finetune.tokenizer import encode_chat
 
@@ -215,7 +239,8 @@ def encode_conversations(tokenizer, conversations: list, train_on: str, max_leng
             enc = encode_chat(tokenizer, conv.messages, train_on=train_on, max_length=max_length,
                               overflow=overflow, tools=conv.tools)
         except (DataError, TemplateError) as e:
-            raise type(e)(f"{conv.origin}: {e}") from None
+            (bad or BadRows()).handle(type(e)(f"{conv.origin}: {e}"))
+            continue
         if enc is None:
             stats.dropped += 1
             continue

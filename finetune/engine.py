@@ -29,6 +29,7 @@ import torch
 from finetune import checkpoint
 from finetune.collate import Batch
 from finetune.errors import DataError, RecipeError
+from finetune.guards import NumericGuard, Preempted, StopSignal, TrainingStopped, oom_message
 from finetune.losses import count_trained_tokens, token_ce_sum
 from finetune.metrics import MetricsLogger, info
 from finetune.recipe import Recipe, write_recipe
@@ -170,25 +171,20 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
         logger.log({"step": 0, **evaluate(recipe, task, model, accelerator)})
     model.train()
     window = _Window(accelerator.device)
+    loop = _Loop(recipe, task, model, optimizer, scheduler, accelerator, stream, logger, window, steps)
+    state.setdefault("skipped_steps", 0)
+    stop = StopSignal()
     try:
         while state["step"] < steps:
-            micro = [_next_batch(task, stream, state, accelerator.device) for _ in range(run.grad_accum)]
-            accumulate_gradients(accelerator, model, task, micro, window, state["step"] + 1)
-            grad_norm = None
-            if recipe.optim.max_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            window.grad_norm = grad_norm
-            _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, steps, stream,
-                        logger, window)
+            loop.step(state)
+            if stop.should_stop(accelerator):
+                _preempt(loop, state, stop.name)
         final = save_final(accelerator, model, task.tokenizer, out)
     except BaseException:
         release_accelerator()
         raise
     finally:
+        stop.close()
         logger.close()
     if run.sample_prompts and accelerator.is_main_process:
         print_samples(accelerator.unwrap_model(model), task.tokenizer, run.sample_prompts,
@@ -196,6 +192,71 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
     accelerator.end_training()
     release_accelerator()
     return final
+
+
+@dataclass
+class _Loop:
+    """One optimizer step at a time: the loop order of DESIGN.md, with the guards around it."""
+
+    recipe: Recipe
+    task: SupervisedTask
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    stream: MicroBatchStream
+    logger: MetricsLogger
+    window: _Window
+    steps: int
+
+    def __post_init__(self) -> None:
+        self.guard = NumericGuard(self.recipe.run.max_skipped_steps, resolve_precision(self.recipe) == "fp16")
+
+    def step(self, state: dict) -> None:
+        run, acc = self.recipe.run, self.accelerator
+        first = state["micro_index"]
+        micro = [_next_batch(self.task, self.stream, state, acc.device) for _ in range(run.grad_accum)]
+        try:
+            accumulate_gradients(acc, self.model, self.task, micro, self.window, state["step"] + 1)
+            # Clipping also yields the global gradient norm the numeric guard reads (inf = no clip).
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm or float("inf"))
+        except torch.cuda.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            longest = max(int(b.input_ids.shape[-1]) for b in micro)
+            raise TrainingStopped(oom_message(state["step"] + 1, run.micro_batch_size, longest, self.recipe)) from None
+        if not self.guard.step_is_finite(grad_norm):
+            # The batch is consumed but the weights, optimizer and schedule do not move.
+            self.optimizer.zero_grad(set_to_none=True)
+            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+            info(f"step {state['step'] + 1}: non-finite loss/gradient, step skipped "
+                 f"({self.guard.consecutive} in a row, {state['skipped_steps']} in total)", acc)
+            ids = [i for k in range(first, state["micro_index"]) for i in self.stream.indices(k)]
+            self.guard.check_limit(state["step"] + 1, ids, self.scheduler.get_last_lr()[0], run.precision)
+            return
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        self.window.grad_norm = grad_norm
+        _after_step(self.recipe, self.task, self.model, self.optimizer, self.scheduler, acc, state,
+                    self.steps, self.stream, self.logger, self.window)
+
+    def save(self, state: dict) -> Path:
+        return checkpoint.save_checkpoint(self.accelerator, Path(self.recipe.run.output_dir), state["step"],
+                                          self.model, self.optimizer, self.scheduler, dict(state),
+                                          self.recipe.run.keep_last, self.task.tokenizer)
+
+
+def _preempt(loop: _Loop, state: dict, signal_name: str) -> None:
+    """Checkpoint at this step boundary (unless one was just written) and stop with exit 75."""
+    out = Path(loop.recipe.run.output_dir)
+    path = checkpoint.checkpoint_dir(out) / f"step-{state['step']}"
+    if not path.is_dir():
+        path = loop.save(state)
+    info(f"{signal_name}: stopped after step {state['step']}; checkpoint {path}; "
+         "rerun the same command to resume", loop.accelerator)
+    raise Preempted(f"preempted by {signal_name} after step {state['step']}: checkpoint {path} written; "
+                    "rerun the same command to resume")
 
 
 def release_accelerator() -> None:
@@ -273,6 +334,8 @@ def _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, s
             "grad_norm": float(window.grad_norm) if window.grad_norm is not None else None,
             "tokens": state["tokens_seen"], "tokens_per_s": tokens / max(elapsed, 1e-9),
         }
+        if state.get("skipped_steps"):
+            record["skipped_steps"] = state["skipped_steps"]
         logger.log(record)
         window.reset()
     else:

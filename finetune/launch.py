@@ -28,7 +28,7 @@ def is_main_process() -> bool:
 
 def resolve_resume(recipe: Recipe) -> Path | None:
     """Which checkpoint to resume from, or None for a fresh run. Refuses to mix two runs."""
-    from finetune.checkpoint import STATE_FILE, latest_checkpoint
+    from finetune.checkpoint import STATE_FILE, latest_checkpoint, verify_checkpoint
 
     run = recipe.run
     out = Path(run.output_dir)
@@ -36,6 +36,9 @@ def resolve_resume(recipe: Recipe) -> Path | None:
         ckpt = Path(run.resume)
         if not (ckpt / STATE_FILE).is_file():
             raise RecipeError(f"run.resume: {ckpt} is not a checkpoint directory (no {STATE_FILE})")
+        problem = verify_checkpoint(ckpt)
+        if problem:
+            raise RecipeError(f"run.resume: {ckpt} is unusable: {problem}")
         return ckpt
     if not out.exists() or run.overwrite:
         return None

@@ -89,10 +89,15 @@ def load_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, ModelIn
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 m.name, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                use_safetensors=True, **kwargs,
+                # Pickled .bin weights can run code when unpickled: only on request, and then
+                # transformers loads them with torch.load(weights_only=True).
+                use_safetensors=None if m.allow_bin else True, **kwargs,
             )
         except (OSError, ValueError) as e:
-            raise UserError(f"model.name: cannot load {m.name!r}: {_first_line(e)}") from None
+            hint = ""
+            if not m.allow_bin and (".bin" in str(e) or "safetensors" in str(e).lower()):
+                hint = " (only safetensors weights are loaded; set model.allow_bin: true to accept .bin files)"
+            raise UserError(f"model.name: cannot load {m.name!r}: {_first_line(e)}{hint}") from None
         source = m.name
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         old = model.get_input_embeddings().weight.shape[0]

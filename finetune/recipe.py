@@ -39,6 +39,7 @@ class ModelCfg(Section):
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    allow_bin: bool = False  # load pickle .bin weights (torch.load with weights_only=True) when no safetensors
     revision: str | None = None
 
     @model_validator(mode="after")
@@ -77,6 +78,8 @@ class DataCfg(Section):
     eval_fraction: float | None = Field(None, gt=0, lt=1)
     packing: bool = False
     padding_free: bool = True
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_bad_rows: int = Field(100, ge=0)
     shuffle: bool = True
 
 
@@ -200,6 +203,7 @@ class RunCfg(Section):
     save_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
     resume: str = "auto"
+    max_skipped_steps: int = Field(5, ge=0)  # consecutive non-finite steps skipped before stopping
     overwrite: bool = False
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     sample_prompts: list[str] = Field(default_factory=list)
@@ -505,6 +509,7 @@ def write_recipe(recipe: Recipe, path: Path) -> None:
 # Keys that may change between a run and its resumption: they do not change what is trained.
 RESUME_MUTABLE = {
     ("run", "output_dir"),  # a moved run directory still resumes
+    ("run", "max_skipped_steps"),
     ("run", "max_steps"), ("run", "epochs"), ("run", "log_every"), ("run", "eval_every"),
     ("run", "save_every"), ("run", "keep_last"), ("run", "resume"), ("run", "overwrite"), ("run", "report_to"),
     ("run", "sample_prompts"), ("run", "sample_max_new_tokens"), ("run", "eval_batches"), ("run", "eval_at_start"),

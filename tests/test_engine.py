@@ -101,7 +101,8 @@ def test_pretrain_run_learns_and_writes_the_layout(in_tmp):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "final", "metrics.jsonl", "recipe.yaml"]
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-10", "step-20"]  # keep_last=2
     ckpt = out / "checkpoints" / "step-20"
-    for name in ("model", "tokenizer", "optimizer.pt", "scheduler.pt", "rng-0.pt", "trainer_state.json"):
+    for name in ("model", "tokenizer", "optimizer.pt", "scheduler.pt", "rng-0.pt", "trainer_state.json",
+                 "manifest.json"):
         assert (ckpt / name).exists(), name
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 20
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
@@ -156,6 +157,7 @@ def test_refuses_checkpoints_of_a_different_run(in_tmp):
     out = in_tmp / "out"
     (out / "checkpoints" / "step-2").mkdir(parents=True)
     (out / "checkpoints" / "step-2" / "trainer_state.json").write_text("{}")
+    (out / "checkpoints" / "step-2" / "manifest.json").write_text('{"step": 2, "files": {}}')
     other = recipe_from_dict(data)
     other.optim.lr = 0.5
     from finetune.recipe import write_recipe

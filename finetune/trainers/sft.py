@@ -23,7 +23,7 @@ from pathlib import Path
 
 from finetune import engine
 from finetune.collate import collate_flat, collate_padded, pack_bins, packing_efficiency
-from finetune.data import EncodeStats, encode_conversations, mix_sources, split_holdout
+from finetune.data import BadRows, EncodeStats, encode_conversations, mix_sources, split_holdout
 from finetune.evaluate import exact_match
 from finetune.formats import to_conversation
 from finetune.metrics import info
@@ -43,12 +43,12 @@ class Prepared:
     packing_efficiency: float | None = None
 
 
-def read_conversations(recipe: Recipe) -> tuple[list, list]:
+def read_conversations(recipe: Recipe, bad: BadRows | None = None) -> tuple[list, list]:
     """Train and eval conversations (eval: its own sources, a held-out fraction, or none)."""
     seed = recipe.run.seed
-    train = mix_sources(recipe.data.train, "data.train", seed, to_conversation)
+    train = mix_sources(recipe.data.train, "data.train", seed, to_conversation, bad)
     if recipe.data.eval:
-        return train, mix_sources(recipe.data.eval, "data.eval", seed, to_conversation)
+        return train, mix_sources(recipe.data.eval, "data.eval", seed, to_conversation, bad)
     if recipe.data.eval_fraction:
         return split_holdout(train, recipe.data.eval_fraction, seed)
     return train, []
@@ -58,13 +58,16 @@ def prepare(recipe: Recipe, resume_from: Path | None = None) -> Prepared:
     """Data -> conversations -> masked samples (-> packed rows). Loads no model weights."""
     notes: list[str] = []
     tokenizer = load_tokenizer(recipe, resume_from=resume_from, notes=notes)
-    train_convs, eval_convs = read_conversations(recipe)
+    bad = BadRows(recipe.data.on_bad_row, recipe.data.max_bad_rows)
+    train_convs, eval_convs = read_conversations(recipe, bad)
     t = recipe.tokenizer
     encode = partial(encode_conversations, tokenizer, train_on=recipe.trainer.train_on,
-                     max_length=t.max_length, overflow=t.overflow)
+                     max_length=t.max_length, overflow=t.overflow, bad=bad)
     train, stats = encode(train_convs, key="data.train")
     evals, _ = encode(eval_convs, key="data.eval") if eval_convs else ([], None)
     notes.append(f"train data: {stats.summary()}")
+    if bad.count:
+        notes.append(f"skipped {bad.count} bad rows (data.on_bad_row: skip)")
     prepared = Prepared(tokenizer, train, evals, stats, eval_convs, notes)
     if recipe.data.packing:
         prepared.train_units, prepared.packing_efficiency = pack(train, t.max_length)
