@@ -104,9 +104,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, model, optimizer, 
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(output_dir, verify=False)
         reason = getattr(error, "strerror", None) or str(error or "failed on another rank")
-        raise TrainingStopped(f"could not write checkpoint step-{step} ({reason}); "
-                              f"{'the previous checkpoint ' + str(previous) + ' is intact' if previous else 'no earlier checkpoint'}"
-                              "; free disk space and rerun the same command to resume")
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise TrainingStopped(f"could not write checkpoint step-{step} ({reason}); {kept}; "
+                              "free disk space and rerun the same command to resume")
     if accelerator.is_main_process:
         _write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
