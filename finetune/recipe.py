@@ -78,6 +78,7 @@ class DataCfg(Section):
     eval_fraction: float | None = Field(None, gt=0, lt=1)
     packing: bool = False
     padding_free: bool = True
+    cache: bool = True  # tokenized samples cached under $FINETUNE_CACHE (~/.cache/finetune)
     on_bad_row: Literal["error", "skip"] = "error"
     max_bad_rows: int = Field(100, ge=0)
     shuffle: bool = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenized-data cache of the test session only: never the user's, never stale across sessions.
+os.environ["FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="finetune-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from finetune import engine
 from finetune.collate import collate_flat, collate_padded, pack_bins, packing_efficiency
-from finetune.data import BadRows, EncodeStats, encode_conversations, mix_sources, split_holdout
+from finetune.data import BadRows, EncodeStats, encode_conversations_cached, mix_sources, split_holdout
 from finetune.evaluate import exact_match
 from finetune.formats import to_conversation
 from finetune.metrics import info
@@ -61,8 +61,8 @@ def prepare(recipe: Recipe, resume_from: Path | None = None) -> Prepared:
     bad = BadRows(recipe.data.on_bad_row, recipe.data.max_bad_rows)
     train_convs, eval_convs = read_conversations(recipe, bad)
     t = recipe.tokenizer
-    encode = partial(encode_conversations, tokenizer, train_on=recipe.trainer.train_on,
-                     max_length=t.max_length, overflow=t.overflow, bad=bad)
+    encode = partial(encode_conversations_cached, tokenizer, train_on=recipe.trainer.train_on,
+                     max_length=t.max_length, overflow=t.overflow, bad=bad, use_cache=recipe.data.cache)
     train, stats = encode(train_convs, key="data.train")
     evals, _ = encode(eval_convs, key="data.eval") if eval_convs else ([], None)
     notes.append(f"train data: {stats.summary()}")
