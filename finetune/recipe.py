@@ -474,6 +474,11 @@ def check_recipe(recipe: Recipe) -> list[str]:
         raise RecipeError("data: set either data.eval (sources) or data.eval_fraction, not both")
     if recipe.run.resume not in ("auto", "never") and not Path(recipe.run.resume).is_dir():
         raise RecipeError(f"run.resume: {recipe.run.resume!r} is not 'auto', 'never' or a checkpoint directory")
+    import importlib.util
+
+    for tracker in recipe.run.report_to:
+        if importlib.util.find_spec(tracker) is None:
+            raise RecipeError(f"run.report_to: {tracker} is not installed (pip install 'finetune[{tracker}]')")
     if recipe.model.trust_remote_code:
         notes.append("model.trust_remote_code is on: code from the model repository will run")
     return notes
