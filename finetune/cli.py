@@ -43,9 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="versions, devices and what each launch strategy needs")
     p.add_argument("--strategy", choices=["ddp", "fsdp", "zero2", "zero3"])
 
+    from finetune import eval_cli, generate_cli, plot
     from finetune.merge import add_merge_arguments
 
     add_merge_arguments(sub.add_parser("merge", help="fold a LoRA adapter into its base model, verified"))
+    generate_cli.add_generate_arguments(sub.add_parser("generate", help="complete prompts (model, adapter or run)"))
+    generate_cli.add_chat_arguments(sub.add_parser("chat", help="chat with a model in the terminal (streams tokens)"))
+    eval_cli.add_eval_arguments(sub.add_parser("eval", help="exact match / pass@k, perplexity or mean reward"))
+    plot.add_plot_arguments(sub.add_parser("plot", help="PNG curves of one or more runs' metrics.jsonl"))
 
     p = sub.add_parser("data", help="audit a recipe's data: token counts, masks (trained tokens highlighted)")
     _recipe_args(p)
@@ -61,8 +66,13 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
+    from finetune.pipeline import is_pipeline, load_pipeline
     from finetune.recipe import check_recipe, load_recipe
 
+    if is_pipeline(args.recipe):
+        _, stages = load_pipeline(args.recipe, args.overrides)
+        print(f"{args.recipe}: ok (pipeline of {len(stages)} stages)")
+        return 0
     recipe = load_recipe(args.recipe, args.overrides)
     notes = check_recipe(recipe)
     if recipe.model.quantize:  # needs torch/bitsandbytes: only imported when quantization is asked for
@@ -77,8 +87,12 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from finetune.launch import run_recipe
+    from finetune.pipeline import is_pipeline, run_pipeline
     from finetune.recipe import load_recipe
 
+    if is_pipeline(args.recipe):
+        run_pipeline(args.recipe, args.overrides, dry_run=args.dry_run)
+        return 0
     recipe = load_recipe(args.recipe, args.overrides)
     run_recipe(recipe, dry_run=args.dry_run)
     return 0
@@ -128,8 +142,18 @@ def cmd_env(args) -> int:
     return 0
 
 
+def _lazy(module: str, name: str):
+    def call(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+    return call
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "launch": cmd_launch, "env": cmd_env,
-            "merge": cmd_merge}
+            "merge": cmd_merge, "generate": _lazy("finetune.generate_cli", "cmd_generate"),
+            "chat": _lazy("finetune.generate_cli", "cmd_chat"), "eval": _lazy("finetune.eval_cli", "cmd_eval"),
+            "plot": _lazy("finetune.plot", "cmd_plot")}
 
 
 def quiet_libraries() -> None:
