@@ -181,7 +181,7 @@ def evaluate_stage(model_dir: Path, cfg: PipelineEval) -> dict:
     rewards = build_rewards(cfg.rewards, key="pipeline.eval.rewards")
     result = eval_generations(lm, convs, rewards, "exact_match", Settings(max_new_tokens=cfg.max_new_tokens),
                               n=1, threshold=1.0, column=cfg.rewards[0].column)
-    return {"accuracy": result.metrics["pass@1"], "stopped": 1.0 - result.metrics["truncated"]}
+    return {"accuracy": result.metrics["exact_match"], "stopped": 1.0 - result.metrics["truncated"]}
 
 
 def _write_results(root: Path, results: list[dict]) -> None:

@@ -1,0 +1,96 @@
+"""Pipeline recipes: stage references, validation before running, skip and resume on rerun."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from finetune.cli import main
+from finetune.errors import RecipeError
+from finetune.pipeline import load_pipeline, run_pipeline
+from tests.conftest import tiny_pretrain_recipe, write
+
+
+def stage_recipes(tmp) -> None:
+    pre = tiny_pretrain_recipe(tmp, max_steps=3)
+    write(tmp / "pre.yaml", yaml.safe_dump(pre))
+    sft = {"model": {"name": "placeholder"}, "tokenizer": {"chat_template": "chatml", "max_length": 64},
+           "data": {"train": [{"path": str(tmp / "chat.jsonl"), "format": "messages"}]},
+           "adapter": {"r": 4, "alpha": 8}, "trainer": {"type": "sft", "exact_match_samples": 0},
+           "optim": {"lr": 1e-2}, "run": {"output_dir": "placeholder", "max_steps": 2, "micro_batch_size": 2}}
+    write(tmp / "sft.yaml", yaml.safe_dump(sft))
+    rows = [{"messages": [{"role": "user", "content": f"{a} + 1?"}, {"role": "assistant", "content": f"{a + 1}"}]}
+            for a in range(6)]
+    write(tmp / "chat.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write(tmp / "prompts.jsonl", "".join(json.dumps({"prompt": f"{a} + 1?", "answer": str(a + 1)}) + "\n"
+                                         for a in range(3)))
+
+
+def pipeline(tmp, stages: list[dict], eval_: bool = False) -> str:
+    cfg = {"output_dir": str(tmp / "story")}
+    if eval_:
+        cfg["eval"] = {"data": str(tmp / "prompts.jsonl"), "max_new_tokens": 4}
+    return str(write(tmp / "pipe.yaml", yaml.safe_dump({"pipeline": cfg, "stages": stages})))
+
+
+STAGES = [
+    {"name": "pretrain", "recipe": "pre.yaml"},
+    {"name": "sft", "recipe": "sft.yaml", "overrides": {"model.name": "stage:pretrain"}},
+    {"name": "merged", "merge": "stage:sft"},
+]
+
+
+def test_stages_run_in_order_then_are_skipped(in_tmp, capsys):
+    stage_recipes(in_tmp)
+    path = pipeline(in_tmp, STAGES, eval_=True)
+    root = run_pipeline(path)
+    assert (root / "pretrain" / "final" / "model.safetensors").is_file()
+    assert (root / "sft" / "final" / "adapter_config.json").is_file()
+    assert (root / "merged" / "config.json").is_file()
+    sft_recipe = yaml.safe_load((root / "sft" / "recipe.yaml").read_text())
+    assert sft_recipe["model"]["name"] == str(root / "pretrain" / "final")
+    results = json.loads((root / "pipeline.json").read_text())
+    assert [r["stage"] for r in results] == ["pretrain", "sft", "merged"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results)
+    # merged == adapter: the same greedy answers, hence the same accuracy
+    assert results[1]["accuracy"] == results[2]["accuracy"]
+    capsys.readouterr()
+    before = (root / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns
+    assert main(["run", path]) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished earlier") == 3 and "held-out accuracy" in err
+    assert (root / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_rerun_resumes_the_unfinished_stage(in_tmp, capsys):
+    stage_recipes(in_tmp)
+    stages = [dict(s) for s in STAGES[:2]]
+    stages[1]["overrides"] = {"model.name": "stage:pretrain", "run.save_every": 1}
+    path = pipeline(in_tmp, stages)
+    root = run_pipeline(path)
+    (root / "sft" / "final").rename(in_tmp / "gone")  # as if the sft stage had been killed
+    capsys.readouterr()
+    run_pipeline(path)
+    err = capsys.readouterr().err
+    assert "stage pretrain: finished earlier" in err and "resuming from" in err
+    assert (root / "sft" / "final" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(("stages", "fragment"), [
+    ([{"name": "a", "recipe": "pre.yaml", "overrides": {"model.name": "stage:b"}},
+      {"name": "b", "recipe": "pre.yaml"}], "does not come before"),
+    ([{"name": "a", "merge": "stage:a"}], "does not come before"),
+    ([{"name": "a", "recipe": "pre.yaml"}, {"name": "a", "recipe": "pre.yaml"}], "duplicate stage name"),
+    ([{"name": "a", "recipe": "pre.yaml", "merge": "stage:x"}], "either `recipe`"),
+    ([{"name": "a", "recipe": "pre.yaml", "overrides": {"optim.lrr": 1}}], "did you mean 'optim.lr'"),
+    ([{"name": "a", "recipe": "missing.yaml"}], "recipe file not found"),
+])
+def test_bad_pipelines_fail_before_running(in_tmp, capsys, stages, fragment):
+    stage_recipes(in_tmp)
+    path = pipeline(in_tmp, stages)
+    with pytest.raises(RecipeError, match=fragment):
+        load_pipeline(path)
+    assert main(["validate", path]) == 2 and fragment in capsys.readouterr().err
+    assert not (in_tmp / "story").exists()
