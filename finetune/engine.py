@@ -140,6 +140,8 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(run.seed)
+    info(f"device     {accelerator.num_processes} x {accelerator.device.type} "
+         f"({accelerator.distributed_type.value.lower()}, precision {accelerator.mixed_precision})", accelerator)
     stream = MicroBatchStream(len(task.train_units), run.micro_batch_size, accelerator.num_processes,
                               accelerator.process_index, run.seed, recipe.data.shuffle)
     if stream.per_epoch == 0:

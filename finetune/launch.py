@@ -166,14 +166,20 @@ def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
         raise RecipeError(f"launch.node_rank: {la.node_rank} must be below launch.nnodes ({la.nnodes})")
     if la.master and not re.fullmatch(r"[\w.\-:\[\]]+:\d{1,5}", la.master):
         raise RecipeError(f"launch.master: {la.master!r} is not host:port")
+    if la.strategy != "ddp" and (recipe.run.save_every or recipe.run.resume not in ("auto", "never")):
+        # Checkpoints hold rank 0's optimizer state, which is complete only when it is replicated.
+        raise RecipeError(f"launch.strategy {la.strategy}: resumable checkpoints are written for ddp only in "
+                          "this version (optimizer state is sharded); set run.save_every=null or use ddp")
     visible = torch.cuda.device_count()
     if gpus_requested and la.num_processes > visible:
         raise RecipeError(f"--gpus {la.num_processes}: only {visible} CUDA GPU(s) visible on this machine "
                           "(use --num-processes for CPU processes)")
     if la.strategy in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
         raise RecipeError(f"launch.strategy {la.strategy}: needs DeepSpeed (pip install deepspeed)")
-    if la.strategy in ("zero2", "zero3") and visible == 0:
-        raise RecipeError(f"launch.strategy {la.strategy}: DeepSpeed needs CUDA GPUs; use ddp on CPU")
+    if la.strategy != "ddp" and visible == 0:
+        # accelerate runs CPU process groups as plain multi-CPU data parallel: no sharding there.
+        raise RecipeError(f"launch.strategy {la.strategy}: needs CUDA GPUs (accelerate shards only on GPUs); "
+                          "use ddp on CPU")
     if la.strategy == "fsdp" and recipe.model.quantize and recipe.adapter is None:
         raise RecipeError("launch.strategy fsdp: a quantized model trains only adapters; add an adapter section")
     if la.node_rank == 0:

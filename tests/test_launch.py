@@ -117,3 +117,24 @@ def test_port_in_use_is_reported(capsys, in_tmp, model_dir):
         port = busy.getsockname()[1]
         assert main(["launch", str(path), "--num-processes", "2", "--master", f"127.0.0.1:{port}"]) == 2
     assert f"port {port} is in use" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 needs two CUDA GPUs (accelerate shards on GPUs only)")
+def test_fsdp2_equals_one_process(in_tmp, model_dir):
+    run_recipe(recipe_from_dict(sft(in_tmp, model_dir, "one", micro_batch_size=8)))
+    proc = launch(in_tmp, sft(in_tmp, model_dir, "fsdp", micro_batch_size=4), "--num-processes", "2",
+                  "--strategy", "fsdp", "--master", f"127.0.0.1:{free_port()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(fsdp," in proc.stderr
+    assert_same_weights(in_tmp / "one", in_tmp / "fsdp")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_sharded_strategies_need_gpus_and_refuse_checkpointing(capsys, in_tmp, model_dir):
+    path = write(in_tmp / "r.yaml", json.dumps(sft(in_tmp, model_dir, "out", 4, save_every=1)))
+    assert main(["launch", str(path), "--num-processes", "2", "--strategy", "fsdp"]) == 2
+    assert "ddp only" in capsys.readouterr().err
+    path = write(in_tmp / "r.yaml", json.dumps(sft(in_tmp, model_dir, "out", 4)))
+    assert main(["launch", str(path), "--num-processes", "2", "--strategy", "fsdp"]) == 2
+    assert "needs CUDA GPUs" in capsys.readouterr().err
