@@ -37,5 +37,10 @@ lint: install
 data: install
 	$(PY) -m finetune.synth --out data/quickstart
 
+# GPU machine: our SFT path vs TRL's on the issue's shapes, one JSON line per run + a table (docs/benchmarks.md).
+BENCH_ARGS ?= --suite issue --shapes qwen0.5b,llama1b --check
+bench: install
+	$(VENV)/bin/finetune bench $(BENCH_ARGS) --json-out runs/bench.jsonl
+
 clean:
 	rm -rf runs .pytest_cache

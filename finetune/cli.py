@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="versions, devices and what each launch strategy needs")
     p.add_argument("--strategy", choices=["ddp", "fsdp", "zero2", "zero3"])
 
-    from finetune import eval_cli, generate_cli, plot
+    from finetune import bench, eval_cli, generate_cli, plot
     from finetune.merge import add_merge_arguments
 
     add_merge_arguments(sub.add_parser("merge", help="fold a LoRA adapter into its base model, verified"))
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cli.add_chat_arguments(sub.add_parser("chat", help="chat with a model in the terminal (streams tokens)"))
     eval_cli.add_eval_arguments(sub.add_parser("eval", help="exact match / pass@k, perplexity or mean reward"))
     plot.add_plot_arguments(sub.add_parser("plot", help="PNG curves of one or more runs' metrics.jsonl"))
+    bench.add_bench_arguments(sub.add_parser("bench", help="tokens/s, memory, MFU of our SFT path vs TRL's (GPU)"))
 
     p = sub.add_parser("data", help="audit a recipe's data: token counts, masks (trained tokens highlighted)")
     _recipe_args(p)
@@ -153,7 +154,7 @@ def _lazy(module: str, name: str):
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "launch": cmd_launch, "env": cmd_env,
             "merge": cmd_merge, "generate": _lazy("finetune.generate_cli", "cmd_generate"),
             "chat": _lazy("finetune.generate_cli", "cmd_chat"), "eval": _lazy("finetune.eval_cli", "cmd_eval"),
-            "plot": _lazy("finetune.plot", "cmd_plot")}
+            "plot": _lazy("finetune.plot", "cmd_plot"), "bench": _lazy("finetune.bench", "cmd_bench")}
 
 
 def quiet_libraries() -> None:

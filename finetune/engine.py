@@ -100,6 +100,9 @@ def resolve_precision(recipe: Recipe) -> str:
     return {"fp32": "no"}.get(p, p)
 
 
+_MOVE_FIRST = ("NO", "MULTI_GPU", "MULTI_CPU")  # DistributedType values where prepare() only moves the model
+
+
 def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = recipe.optim
     params = [p for p in model.parameters() if p.requires_grad]
@@ -148,6 +151,10 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
         raise DataError(f"data.train: {len(task.train_units)} training units is fewer than one global batch "
                         f"(run.micro_batch_size {run.micro_batch_size} x {accelerator.num_processes} processes)")
     steps = total_steps(recipe, stream)
+    if not getattr(task.model, "hf_device_map", None) and accelerator.distributed_type.value in _MOVE_FIRST:
+        # accelerate would move it in prepare(); moved first, build_optimizer sees CUDA parameters
+        # and builds the fused AdamW (one kernel per step instead of a foreach chain).
+        task.model.to(accelerator.device)
     optimizer = build_optimizer(recipe, task.model)
     scheduler = build_scheduler(recipe, optimizer, steps)
     model, optimizer = accelerator.prepare(task.model, optimizer)

@@ -165,6 +165,44 @@ class RejectionCfg(Section):
     pass_threshold: float = 1.0
 
 
+class PPOCfg(Section):
+    """ppo: sample -> score -> GAE -> epochs x minibatches of clipped updates (finetune.trainers.ppo).
+    Defaults follow "The N+ Implementation Details of RLHF with PPO" (Huang et al., 2024)."""
+
+    rollout_batch_size: int = Field(64, gt=0)    # sequences sampled per update, all processes together
+    epochs: int = Field(4, gt=0)                 # K passes over each rollout batch
+    minibatches: int = Field(4, gt=0)            # M optimizer steps per pass (run.micro_batch_size: accumulation)
+    clip: float = Field(0.2, gt=0)               # epsilon of the clipped ratio
+    value_clip: float = Field(0.2, gt=0)         # epsilon_v: how far a value may move from the rollout's
+    value_coef: float = Field(0.1, ge=0)         # c_v: loss = policy + c_v * value - entropy_coef * entropy
+    entropy_coef: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.05, ge=0)           # beta (the starting beta when kl_target is set)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = Field(None, gt=0)  # adaptive beta toward this KL per sequence (Ziegler et al.)
+    kl_horizon: int = Field(10000, gt=0)
+    whiten_advantages: bool = True
+    score_norm: bool = False                     # whiten the scores over each rollout batch (all processes)
+    score_clip: float | None = Field(None, gt=0)  # clip scores to [-score_clip, score_clip]
+    missing_eos_penalty: float | None = 1.0       # subtracted from the score of a response that never stopped
+    critic: Literal["separate", "adapter"] = "separate"
+    critic_from: Literal["auto", "reward_model", "policy"] = "auto"  # separate critic's start (auto: RM if any)
+    critic_warmup_updates: int = Field(0, ge=0)  # the policy is frozen for the first N updates
+    sample_every: int = Field(10, gt=0)          # completions to samples.jsonl every N updates
+    samples_logged: int = Field(4, ge=0)
+    eval_temperature: float = Field(0.0, ge=0)   # held-out score (run.eval_every): 0 = greedy
+    eval_prompts: int = Field(100, ge=0)         # at most this many held-out prompts (0: all)
+
+    @model_validator(mode="after")
+    def _minibatches_divide(self) -> PPOCfg:
+        # The rest of the layout (processes, micro-batches) is checked when the run starts.
+        if self.rollout_batch_size % self.minibatches:
+            raise ValueError(f"rollout_batch_size {self.rollout_batch_size} does not split into "
+                             f"{self.minibatches} minibatches")
+        return self
+
+
 class TrainerCfg(Section):
     type: Literal[TRAINER_TYPES]  # type: ignore[valid-type]
     train_on: Literal["assistant", "last_assistant", "completion", "all"] = "assistant"
@@ -175,6 +213,7 @@ class TrainerCfg(Section):
     rewards: list[RewardCfg] = Field(default_factory=list)
     reward_model: RewardModelCfg = Field(default_factory=RewardModelCfg)
     rejection: RejectionCfg = Field(default_factory=RejectionCfg)
+    ppo: PPOCfg = Field(default_factory=PPOCfg)
 
 
 class OptimCfg(Section):
@@ -209,6 +248,11 @@ class RunCfg(Section):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     sample_prompts: list[str] = Field(default_factory=list)
     sample_max_new_tokens: int = Field(32, gt=0)
+    # Fast path (finetune.fastpath; docs/benchmarks.md): torch.compile of each decoder layer, and
+    # the fused linear cross-entropy that never makes full fp32 logits (auto: on with CUDA when
+    # the output head is a plain Linear and the run is not FSDP/ZeRO-3). Opt-in until measured on GPU.
+    compile: bool = False
+    chunked_ce: bool | Literal["auto"] = False
 
 
 class LaunchCfg(Section):
@@ -519,6 +563,7 @@ RESUME_MUTABLE = {
     ("run", "max_steps"), ("run", "epochs"), ("run", "log_every"), ("run", "eval_every"),
     ("run", "save_every"), ("run", "keep_last"), ("run", "resume"), ("run", "overwrite"), ("run", "report_to"),
     ("run", "sample_prompts"), ("run", "sample_max_new_tokens"), ("run", "eval_batches"), ("run", "eval_at_start"),
+    ("run", "compile"), ("run", "chunked_ce"),  # the same maths (within rounding), another speed
     ("launch",),
 }
 

@@ -97,13 +97,6 @@ def test_missing_column_names_expected_and_present(capsys, in_tmp):
     assert "present: body" in err
 
 
-def test_unknown_trainer_not_yet_available(capsys, in_tmp):
-    data = tiny_pretrain_recipe(in_tmp)
-    data["trainer"]["type"] = "ppo"
-    rc, _, err = run_cli(capsys, "run", recipe_path(in_tmp, data))
-    assert rc == 2 and "trainer.type" in err
-
-
 def test_dry_run_prints_plan_and_writes_nothing(capsys, in_tmp):
     rc, _, err = run_cli(capsys, "run", recipe_path(in_tmp, tiny_pretrain_recipe(in_tmp)), "--dry-run",
                          "run.grad_accum=2")

@@ -123,6 +123,7 @@ def exact_match_metric(recipe: Recipe, tokenizer, conversations: list):
 
 
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
+    from finetune import fastpath
     from finetune.attention import enable_packed_attention
     from finetune.model import load_model
 
@@ -130,12 +131,14 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
     model, model_info = load_model(recipe, prepared.tokenizer)
     if recipe.data.packing or recipe.data.padding_free:
         enable_packed_attention(model)
-    for line in plan(recipe, prepared, model_info).lines(recipe, num_processes):
+    # Fused CE, compiled layers, batches counted and pinned on the CPU (docs/benchmarks.md).
+    fast = fastpath.setup(recipe, model)
+    for line in plan(recipe, prepared, model_info).lines(recipe, num_processes) + fast.notes:
         info(line)
     task = engine.SupervisedTask(
         model=model, tokenizer=prepared.tokenizer, train_units=prepared.train_units,
-        eval_units=prepared.eval_units,
-        collate=make_collate(recipe, prepared.tokenizer.pad_token_id),
+        eval_units=prepared.eval_units, loss_sum=fast.loss_sum, count_tokens=fast.count_tokens,
+        collate=fast.wrap_collate(make_collate(recipe, prepared.tokenizer.pad_token_id)),
         eval_collate=collate_flat if recipe.data.padding_free or recipe.data.packing
         else partial(collate_padded, pad_id=prepared.tokenizer.pad_token_id),
         evaluate_extra=exact_match_metric(recipe, prepared.tokenizer, prepared.eval_conversations),
