@@ -1,4 +1,5 @@
-"""Pure tensor maths shared by the trainers: token cross-entropy, masks, log-probs.
+"""Pure tensor maths shared by the trainers: token cross-entropy, masks, log-probs, and PPO's KL
+estimators, GAE, whitening and clipped losses.
 
 Conventions (Hugging Face): ``labels`` are aligned with ``input_ids`` and hold -100 where a token is
 not trained; the shift happens here, ``logits[:, t]`` predicts ``labels[:, t + 1]``. Losses are
@@ -15,6 +16,8 @@ loses about 2 significant digits.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -185,3 +188,138 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
         scaled = scaled / temperature
     picked = scaled.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scaled, dim=-1)
+
+
+# --- PPO maths (finetune.trainers.ppo) ---------------------------------------------------------
+# Tensors are (rows, response tokens), aligned so that column t is the t-th generated token; `mask`
+# is 1 on valid response tokens (the stop token included) and must be a prefix of each row.
+
+# exp(20) ~ 5e8 is finite in fp32 and bf16; a larger log-ratio means the minibatch is far
+# off-policy and the clipped objective ignores it anyway (gradient zero beyond the clip).
+LOG_RATIO_CLAMP = 20.0
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from tokens sampled by the policy (Schulman,
+    "Approximating KL divergence", 2020). k1 = log p - log p_ref: unbiased, can be negative.
+    k3 = (q - 1) - log q with q = p_ref / p: unbiased, always >= 0, lower variance."""
+    log_ratio = logprobs.float() - ref_logprobs.float()
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        # expm1 keeps (q - 1) exact for q near 1, where k3 ~ log_ratio^2 / 2 is tiny.
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r} (k1 or k3)")
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al., 2016) over each row's valid tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V = 0 after the last valid token: the episode ends there);
+    A_t = delta_t + gamma * lam * A_{t+1}. Returns (advantages, returns = A + V), both 0 outside the
+    mask. Values and rewards at masked positions are ignored, whatever they hold.
+    """
+    m = mask.to(torch.float32)
+    values = torch.where(mask.bool(), values.float(), 0.0)
+    rewards = torch.where(mask.bool(), rewards.float(), 0.0)
+    steps = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(running)
+        next_mask = m[:, t + 1] if t + 1 < steps else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * next_mask * running
+        advantages[:, t] = running
+    advantages = advantages * m
+    return advantages, (advantages + values) * m
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, all_reduce=None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """(mean, unbiased variance, count) of x where mask is 1. `all_reduce(t)` sums a tensor over
+    processes (None: this process only), so every rank gets the statistics of the global batch."""
+    m = mask.bool()
+    stats = torch.stack([m.sum().to(torch.float64), masked_sum(x.double(), m), masked_sum(x.double() ** 2, m)])
+    if all_reduce is not None:
+        stats = all_reduce(stats)
+    count, total, squares = stats[0], stats[1], stats[2]
+    mean = total / count.clamp(min=1)
+    var = (squares - count * mean**2).clamp(min=0) / (count - 1).clamp(min=1)
+    return mean.float(), var.float(), count
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce=None,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (of all processes with `all_reduce`); 0 outside the
+    mask. With fewer than two entries the variance is undefined: x is returned as it is (a lone
+    advantage keeps its sign) rather than zeroed by centring or blown up by 1/sqrt(eps)."""
+    mean, var, count = masked_moments(x, mask, all_reduce)
+    if count < 2:
+        out = x
+    else:
+        out = (x - mean) * torch.rsqrt(var + eps)
+        if not shift_mean:
+            out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+@dataclass
+class PolicyLoss:
+    """Masked sums over a micro-batch's tokens: divide by the token count of the whole minibatch."""
+
+    loss_sum: torch.Tensor  # sum of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+    clipped: torch.Tensor  # tokens where the clipped term is the larger one (gradient zero there)
+    ratio_sum: torch.Tensor
+    approx_kl_sum: torch.Tensor  # sum of (log ratio)^2 / 2, the old -> new KL estimate N+ logs
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip: float = 0.2) -> PolicyLoss:
+    """PPO's clipped surrogate (Schulman et al., 2017) as a loss to minimise, per token."""
+    log_ratio = (logprobs.float() - old_logprobs.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    with torch.no_grad():
+        engaged = masked_sum((clipped > unclipped).float(), mask)
+        approx_kl = masked_sum(0.5 * log_ratio**2, mask)
+        ratio_sum = masked_sum(ratio, mask)
+    return PolicyLoss(masked_sum(torch.maximum(unclipped, clipped), mask), engaged, ratio_sum, approx_kl)
+
+
+@dataclass
+class ValueLoss:
+    loss_sum: torch.Tensor  # sum of 0.5 * max((V - R)^2, (V_clipped - R)^2)
+    clipped: torch.Tensor  # tokens where the clipped error is the larger one (gradient zero there)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       clip: float = 0.2) -> ValueLoss:
+    """The value loss of PPO2 / N+: the new value may move at most `clip` from the rollout's value
+    before the clipped term takes over."""
+    values = values.float()
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped_values - returns) ** 2
+    with torch.no_grad():
+        engaged = masked_sum((clipped_err > unclipped_err).float(), mask)
+    return ValueLoss(0.5 * masked_sum(torch.maximum(unclipped_err, clipped_err), mask), engaged)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position entropy of softmax(logits / temperature), in fp32."""
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    logp = torch.log_softmax(scaled, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_t = -beta * kl_t on valid tokens, plus each row's score at its last valid token: the stop
+    token itself when there is one (TRL put it one slot later), else the last generated token."""
+    rewards = torch.where(mask.bool(), -beta * kl.float(), 0.0)
+    last = (mask.long().sum(1) - 1).clamp(min=0)
+    return rewards.scatter_add(1, last[:, None], scores.float()[:, None])

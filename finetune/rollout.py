@@ -40,6 +40,7 @@ NEUTRAL_GENERATION = {
 }
 
 
+
 @dataclass
 class Rollout:
     """One sampled completion of one prompt."""

@@ -12,6 +12,7 @@ REGISTRY = {
     "sft": "finetune.trainers.sft",
     "reward": "finetune.trainers.reward",
     "rs_sft": "finetune.trainers.rs_sft",
+    "ppo": "finetune.trainers.ppo",
 }
 
 

@@ -190,6 +190,9 @@ class RoundRunner:
                 break
             last = final
         self.release()
+        if last is None:  # a rerun of a run whose first round kept nothing
+            raise DataError(f"rs_sft: round 1 kept no sample; nothing to train on (see "
+                            f"{round_dir(self.out, 1) / 'samples.jsonl'})")
         return last
 
     # ------------------------------------------------------------ the policy in memory

@@ -1,0 +1,92 @@
+"""Data for the rejection-sampling and reward-model demonstrations on the quickstart task.
+
+    python -m finetune.synth_rs [--out data/quickstart_rs]
+
+The problems and their train / held-out split are exactly those of finetune.synth (its generator
+is replayed with the same seed), so nothing held out there is trained on here:
+- prompts_train.jsonl: every training problem in each of the three question styles, with its
+  answer (1,530 prompts): what recipes/rs_sft.yaml samples from. Held-out prompts are
+  data/quickstart/prompts_eval.jsonl.
+- preference_train.jsonl / preference_eval.jsonl: a prompt, the reply in the SFT format
+  ("7 + 5 = 12") as chosen and the same reply with a wrong result (off by 1 to 3) as rejected,
+  so a reward model learns to score the replies the policy actually writes; eval pairs are on
+  the held-out problems.
+Deterministic; tests check the committed files are reproduced exactly.
+
+`fact_reward` is the task's strict verifier, used by recipes/rs_sft.yaml as a `function` reward:
+the built-in `numeric` verifier (last number == answer) also passes "1 + 7 = 9" for "What is
+2 + 7?", a false fact that rejection sampling would then train on (about 7% of the samples it
+keeps at temperature 0.7 from the quickstart SFT model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+from finetune import synth
+
+
+def quickstart_split(seed: int = 0) -> tuple[list, list]:
+    """The (train, held-out) problems of synth.generate(seed), by replaying its random stream."""
+    rng = random.Random(seed)
+    synth.pretrain_corpus(rng)
+    return synth.split_problems(rng)
+
+
+def prompt_rows(problems: list) -> list[dict]:
+    return [{"prompt": style.format(a=a, op=op, b=b), "answer": str(synth.answer(a, op, b))}
+            for a, op, b in problems for style in synth.QUESTION_STYLES]
+
+
+def preference_rows(rng: random.Random, problems: list) -> list[dict]:
+    rows = []
+    for a, op, b in problems:
+        right = synth.answer(a, op, b)
+        delta = rng.choice([1, 2, 3])
+        wrong = right - delta if right - delta >= 0 and rng.random() < 0.5 else right + delta
+        rows.append({"prompt": synth.question(rng, a, op, b), "chosen": f"{a} {op} {b} = {right}",
+                     "rejected": f"{a} {op} {b} = {wrong}"})
+    return rows
+
+
+def fact_reward(prompts, completions, answer, **columns) -> list[float]:
+    """1.0 when the reply is exactly the prompt's fact restated, "a op b = answer", else 0.0."""
+    scores = []
+    for prompt, completion, ans in zip(prompts, completions, answer, strict=True):
+        problem = re.search(r"(\d+) ([+-]) (\d+)", prompt[-1]["content"])
+        want = f"{problem.group(1)} {problem.group(2)} {problem.group(3)} = {ans}" if problem else None
+        scores.append(float(" ".join(completion.split()) == want))
+    return scores
+
+
+def generate(out: Path, seed: int = 0) -> dict[str, str]:
+    """Writes the files into `out`; returns {file name: content}."""
+    train, held_out = quickstart_split(seed)
+    rng = random.Random(seed + 1)
+    jsonl = lambda rows: "".join(json.dumps(r) + "\n" for r in rows)  # noqa: E731
+    files = {
+        "prompts_train.jsonl": jsonl(prompt_rows(train)),
+        "preference_train.jsonl": jsonl(preference_rows(rng, train)),
+        "preference_eval.jsonl": jsonl(preference_rows(rng, held_out)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (out / name).write_text(content, encoding="utf-8")
+    return files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="data/quickstart_rs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for name, content in generate(Path(args.out), args.seed).items():
+        print(f"{args.out}/{name}: {content.count(chr(10))} lines")
+
+
+if __name__ == "__main__":
+    main()

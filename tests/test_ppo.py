@@ -1,0 +1,381 @@
+"""PPO: the update on token-level toy tasks, its invariants, the recipe run, and bad input.
+
+Toy models are 2-layer d=64 GPT-2s with a 16-token vocabulary built from configs; the learning
+tests (slow) run the same PPO class that `trainer.type: ppo` runs, with a programmatic reward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM
+
+import finetune.trainers.ppo as ppo_module
+from finetune.engine import release_accelerator
+from finetune.errors import DataError, RecipeError
+from finetune.launch import run_recipe
+from finetune.losses import gather_logprobs
+from finetune.ppo_models import ActorCritic, SeparateCritic, adapter_critic, disable_dropout, generate, model_inputs
+from finetune.ppo_models import new_value_head as value_head
+from finetune.recipe import PPOCfg, SamplingCfg, recipe_from_dict
+from finetune.trainers.ppo import PPO
+from tests.conftest import ROOT, save_tiny_chat_model, write
+
+VOCAB, TARGET = 16, 3
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_one_thread():
+    # Models this small are all per-op overhead: a second intra-op thread only adds waiting,
+    # most of all on a shared CI machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    release_accelerator()
+
+
+def gpt2_config(**kw) -> GPT2Config:
+    return GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, **kw)
+
+
+def toy_ppo(seed: int = 0, lr: float = 3e-4, micro: int = 16, **cfg) -> PPO:
+    """Separate critic (its own GPT-2 body), frozen reference copy, Adam 3e-4, no stop tokens."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(seed)
+    policy = GPT2LMHeadModel(gpt2_config())
+    critic = SeparateCritic(GPT2Model(gpt2_config()), value_head(64))
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    for m in (policy, critic, reference):
+        disable_dropout(m)
+    model = ActorCritic(policy, critic)
+    sampling = SamplingCfg(n=1, temperature=1.0, max_new_tokens=cfg.pop("max_new_tokens", 8))
+    stop_ids = cfg.pop("stop_ids", ())
+    ppo_cfg = PPOCfg(**{"kl_coef": 0.01, "missing_eos_penalty": None, **cfg})
+    return PPO(model, torch.optim.Adam(model.parameters(), lr=lr, eps=1e-5), ppo_cfg, sampling,
+               accelerator=Accelerator(cpu=True), micro_batch_size=micro, reference=reference, seed=seed,
+               stop_ids=stop_ids)
+
+
+def prompts(g: torch.Generator, rows: int = 64, lengths=(2, 6)) -> list[list[int]]:
+    """Random prompts of several lengths (left padding is exercised), ids 1..15 (0 is the pad)."""
+    sizes = torch.randint(lengths[0], lengths[1], (rows,), generator=g).tolist()
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in sizes]
+
+
+def target_reward(prompt_ids, responses):
+    return [sum(t == TARGET for t in r) / len(r) for r in responses]
+
+
+def copy_reward(prompt_ids, responses):
+    return [sum(t == p[-1] for t in r) / len(r) for p, r in zip(prompt_ids, responses, strict=True)]
+
+
+def train_toy(ppo: PPO, reward, updates: int, seed: int = 0, **prompt_kw) -> list[float]:
+    g = torch.Generator().manual_seed(seed + 1)
+    return [ppo.step(prompts(g, **prompt_kw), reward)[0]["score"] for _ in range(updates)]
+
+
+# ---------------------------------------------------------------- invariants of one update
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_recomputed_logprobs_match_sampling_time_logprobs(arch):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        policy = GPT2LMHeadModel(gpt2_config())
+    else:
+        policy = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    disable_dropout(policy)
+    model = ActorCritic(policy, SeparateCritic(GPT2Model(gpt2_config()), value_head(64)))
+    batch = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [3], [5, 5, 5, 5], [9, 8]]
+    sampling = SamplingCfg(temperature=0.7, max_new_tokens=7, batch_size=3)  # two generate calls
+    gen = generate(policy, batch, sampling, stop_ids=[15], pad_id=0, with_logprobs=True)
+    with torch.no_grad():
+        logits, _ = model(**model_inputs(gen.query, gen.query_mask, gen.response, gen.response_mask))
+    recomputed = gather_logprobs(logits, gen.response, 0.7) * gen.response_mask
+    assert (recomputed - gen.sampled_logprobs).abs().max().item() < 1e-5
+    assert gen.query_mask[2].tolist() == [0, 0, 0, 0, 0, 1]  # left-padded
+
+
+def test_first_minibatch_has_ratio_one_and_nothing_clipped(monkeypatch):
+    calls, real = [], ppo_module.clipped_policy_loss
+
+    def spy(logprobs, old_logprobs, advantages, mask, clip=0.2):
+        out = real(logprobs, old_logprobs, advantages, mask, clip)
+        calls.append((torch.exp(logprobs - old_logprobs).detach(), mask, out.clipped))
+        return out
+
+    monkeypatch.setattr(ppo_module, "clipped_policy_loss", spy)
+    ppo = toy_ppo(micro=4, rollout_batch_size=16, epochs=2, minibatches=2)  # 2 micro-batches per minibatch
+    ppo.step(prompts(torch.Generator().manual_seed(0), rows=16), target_reward)
+    assert len(calls) == 2 * 2 * 2
+    for ratio, mask, clipped in calls[:2]:  # the first minibatch: before any optimizer step
+        assert (ratio - 1).abs()[mask.bool()].max().item() < 1e-6
+        assert clipped.item() == 0
+    later = torch.cat([(r - 1).abs()[m.bool()] for r, m, _ in calls[2:]])
+    assert later.max().item() > 1e-3  # the policy does move afterwards
+
+
+def test_stop_tokens_padding_score_placement_and_missing_eos_penalty():
+    ppo = toy_ppo(stop_ids=[5, 7], missing_eos_penalty=0.5, kl_coef=0.0, max_new_tokens=6)
+    exp, _ = ppo.rollout(prompts(torch.Generator().manual_seed(0)), lambda p, r: [float(len(x)) for x in r])
+    gen, lengths = exp.gen, exp.mask.sum(1)
+    assert 0 < int(gen.stopped.sum()) < len(lengths)  # both kinds are in the batch
+    for i in range(len(lengths)):
+        n, row = int(lengths[i]), gen.response[i].tolist()
+        has_stop = any(t in (5, 7) for t in row[:n])
+        assert bool(gen.stopped[i]) == has_stop
+        if has_stop:  # the stop token is the last response token; padding (0) after it
+            assert row[n - 1] in (5, 7) and all(t not in (5, 7) for t in row[:n - 1])
+            assert all(t == 0 for t in row[n:]) and exp.mask[i, n:].sum() == 0
+        else:
+            assert n == 6
+        # penalty iff no stop token; the score sits once, at the last response token
+        assert exp.scores[i].item() == pytest.approx(n - (0.0 if has_stop else 0.5))
+        expected = torch.zeros_like(exp.rewards[i])
+        expected[n - 1] = exp.scores[i]
+        assert torch.equal(exp.rewards[i], expected)
+
+
+def test_adapter_reference_and_adapter_critic_share_one_base():
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = ActorCritic(policy, adapter_critic(policy))
+    disable_dropout(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ppo = PPO(model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2),
+              PPOCfg(kl_coef=0.1, missing_eos_penalty=None, epochs=2, minibatches=2), SamplingCfg(n=1, max_new_tokens=5),
+              accelerator=Accelerator(cpu=True), micro_batch_size=4)
+    exp, _ = ppo.rollout(prompts(torch.Generator().manual_seed(0), rows=16), target_reward)
+    # LoRA's B starts at 0: the policy is its base, so the adapter-disabled reference agrees exactly.
+    assert torch.equal(exp.logprobs, exp.ref_logprobs)
+    ppo.learn(exp, ppo_module._Sums())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".lora_B.default." in n for n in changed) and any(".lora_B.critic." in n for n in changed)
+    assert "critic.head.weight" in changed
+    assert not [n for n in changed if "lora_" not in n and not n.startswith("critic.")]  # the base is frozen
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    logprobs, ref_logprobs, _ = ppo._score_tokens(exp.gen)
+    assert torch.equal(ref_logprobs, exp.ref_logprobs) and not torch.equal(logprobs, exp.logprobs)
+
+
+def test_critic_warmup_freezes_the_policy_only():
+    ppo = toy_ppo(critic_warmup_updates=1, rollout_batch_size=16, epochs=1, minibatches=1)
+    before = {n: p.detach().clone() for n, p in ppo.unwrapped.named_parameters()}
+    ppo.step(prompts(torch.Generator().manual_seed(0), rows=16), target_reward)
+    same = {n for n, p in ppo.unwrapped.named_parameters() if torch.equal(p, before[n])}
+    assert all(n in same for n in before if n.startswith("policy."))
+    assert "critic.head.weight" not in same  # (the body follows once the zero-initialised head is not 0)
+    ppo.step(prompts(torch.Generator().manual_seed(1), rows=16), target_reward)  # warm-up over: the policy moves
+    assert not torch.equal(ppo.unwrapped.policy.transformer.wte.weight, before["policy.transformer.wte.weight"])
+
+
+# ---------------------------------------------------------------- recipes
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return save_tiny_chat_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def ppo_recipe(tmp, model_dir, **ppo) -> dict:
+    return {
+        "model": {"name": str(model_dir)},
+        "tokenizer": {"chat_template": "chatml", "max_length": 64},
+        "data": {"train": [{"path": str(ROOT / "data/quickstart/prompts_train.jsonl"), "format": "prompts",
+                            "max_samples": 16}],
+                 "eval": [{"path": str(ROOT / "data/quickstart/prompts_eval.jsonl"), "format": "prompts",
+                           "max_samples": 4}]},
+        "trainer": {"type": "ppo", "sampling": {"n": 1, "max_new_tokens": 6},
+                    "rewards": [{"type": "numeric"}, {"type": "length", "max_length": 8, "weight": 0.5}],
+                    "ppo": {"rollout_batch_size": 8, "epochs": 2, "minibatches": 2, "sample_every": 1, **ppo}},
+        "optim": {"lr": 1e-3},
+        "run": {"output_dir": str(tmp / "ppo"), "max_steps": 2, "micro_batch_size": 2, "log_every": 1},
+    }
+
+
+def records(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_recipe_run_logs_every_quantity_and_writes_a_loadable_policy(in_tmp, chat_model, capsys):
+    from transformers import AutoModelForCausalLM
+
+    final = run_recipe(recipe_from_dict(ppo_recipe(in_tmp, chat_model)))
+    logged = records(in_tmp / "ppo")
+    updates = [r for r in logged if "score" in r]
+    assert [r["step"] for r in updates] == [1, 2]
+    for key in ("score", "reward", "kl", "beta", "approx_kl", "policy_clipfrac", "value_clipfrac", "ratio",
+                "entropy", "policy_loss", "value_loss", "value_explained_variance", "advantage_mean",
+                "advantage_std", "response_length", "stop_fraction", "grad_norm", "lr"):
+        assert all(math.isfinite(r[key]) for r in updates), key
+    evals = [r for r in logged if "eval_score" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    samples = [json.loads(x) for x in (in_tmp / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and {"prompt", "completion", "score", "stopped"} <= samples[0].keys()
+    before, after = load_file(chat_model / "model.safetensors"), load_file(final / "model.safetensors")
+    assert all(not torch.equal(before[k], after[k]) for k in after if "norm" not in k)
+    AutoModelForCausalLM.from_pretrained(final)
+    assert (final / "critic" / "value_head.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert "3 copies of the base" in err and "2 updates" in err
+
+
+def test_lora_policy_with_adapter_critic_holds_one_base_and_resumes_exactly(in_tmp, chat_model, capsys):
+    import shutil
+
+    data = ppo_recipe(in_tmp, chat_model, critic="adapter")
+    data["adapter"] = {"r": 4, "alpha": 8}
+    data["run"].update(save_every=1, max_steps=2)
+    final = run_recipe(recipe_from_dict(data))
+    assert "1 copy of the base" in capsys.readouterr().err
+    assert (final / "adapter_config.json").is_file() and (final / "critic" / "adapter_model.safetensors").is_file()
+    shutil.copytree(final, in_tmp / "uninterrupted")
+    shutil.rmtree(final)  # as if killed after the checkpoint of update 1
+    run_recipe(recipe_from_dict(data))
+    assert "resumed from" in capsys.readouterr().err
+    for name in ("adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/value_head.safetensors"):
+        a, b = load_file(in_tmp / "uninterrupted" / name), load_file(final / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
+def dry_run(tmp, data: dict):
+    return run_recipe(recipe_from_dict(data), dry_run=True)
+
+
+def test_bad_batch_layout_fails_before_any_weight(in_tmp, chat_model):
+    data = ppo_recipe(in_tmp, chat_model, rollout_batch_size=12, minibatches=4)  # 3 rows per minibatch, micro 2
+    with pytest.raises(RecipeError, match="do not split into trainer.ppo.minibatches=4 minibatches"):
+        dry_run(in_tmp, data)
+    with pytest.raises(RecipeError, match="trainer.ppo: rollout_batch_size 10 does not split into 4 minibatches"):
+        recipe_from_dict(ppo_recipe(in_tmp, chat_model, rollout_batch_size=10, minibatches=4))
+
+
+def test_prompt_longer_than_the_room_left_for_generation(in_tmp, chat_model):
+    data = ppo_recipe(in_tmp, chat_model)
+    data["tokenizer"]["max_length"] = 24
+    data["trainer"]["sampling"]["max_new_tokens"] = 16
+    with pytest.raises(DataError, match=r"prompts_train.jsonl.*leaves 8"):
+        dry_run(in_tmp, data)
+    data["tokenizer"]["overflow"] = "drop"
+    with pytest.raises(DataError, match="every prompt is longer"):
+        dry_run(in_tmp, data)
+
+
+def test_critic_from_a_reward_model_with_another_tokenizer(in_tmp, chat_model):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer([f"other words {i}" for i in range(50)], vocab_size=300, chat_template="chatml")
+    assert tok.chat_template == AutoTokenizer.from_pretrained(chat_model).chat_template
+    rm = in_tmp / "rm"
+    config = AutoConfig.from_pretrained(chat_model)
+    config.num_labels, config.vocab_size = 1, len(tok)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm)
+    tok.save_pretrained(rm)
+    data = ppo_recipe(in_tmp, chat_model)
+    data["trainer"]["rewards"] = [{"type": "model", "path": str(rm)}]
+    with pytest.raises(RecipeError, match="different tokenizer than the policy"):
+        dry_run(in_tmp, data)
+
+
+def test_value_head_needs_a_model_with_hidden_states(in_tmp, chat_model):
+    data = ppo_recipe(in_tmp, chat_model)
+    data["model"] = {"init_config": {"model_type": "trocr", "d_model": 32, "decoder_layers": 1}}
+    data["tokenizer"]["name"] = str(chat_model)
+    with pytest.raises(RecipeError, match="model type 'trocr' has no hidden-state model"):
+        dry_run(in_tmp, data)
+    data = ppo_recipe(in_tmp, chat_model, critic="adapter")  # no adapter: section
+    with pytest.raises(RecipeError, match="needs an adapter: section"):
+        dry_run(in_tmp, data)
+
+
+# ---------------------------------------------------------------- learning (slow)
+
+
+@pytest.mark.slow
+def test_toy_emit_the_target_token():
+    scores = train_toy(toy_ppo(), target_reward, 30)
+    assert scores[0] < 0.15 and max(scores) >= 0.9, scores
+
+
+@pytest.mark.slow
+def test_toy_copy_the_last_prompt_token():
+    scores = train_toy(toy_ppo(), copy_reward, 120)
+    assert scores[0] < 0.15 and max(scores[-5:]) >= 0.9, scores
+
+
+@pytest.mark.slow
+def test_negated_advantages_make_the_reward_fall(monkeypatch):
+    real = ppo_module.gae_advantages
+    monkeypatch.setattr(ppo_module, "gae_advantages", lambda *a, **k: (-real(*a, **k)[0], real(*a, **k)[1]))
+    scores = train_toy(toy_ppo(), target_reward, 10)
+    assert sum(scores[-3:]) / 3 < 0.5 * scores[0], scores
+
+
+@pytest.mark.slow
+def test_kl_regularised_bandit_reaches_the_analytic_optimum():
+    """One generated token, reward 1 for TARGET: the optimum of E[r] - beta KL(pi || pi_ref) is
+    pi* = pi_ref exp(r / beta) / Z, i.e. pi*(TARGET) = p e^(1/beta) / (p e^(1/beta) + 1 - p)."""
+    beta = 0.5
+    ppo = toy_ppo(kl_coef=beta, max_new_tokens=1, lr=1e-3)
+    prompt = [[1]] * 64
+
+    def p_target(model) -> float:
+        with torch.no_grad():
+            return torch.softmax(model(torch.tensor([[1]])).logits[0, -1], -1)[TARGET].item()
+
+    p_ref = p_target(ppo.reference)
+    optimum = p_ref * math.exp(1 / beta) / (p_ref * math.exp(1 / beta) + 1 - p_ref)
+    for _ in range(150):
+        ppo.step(prompt, target_reward)
+    assert p_target(ppo.unwrapped.policy) == pytest.approx(optimum, abs=0.05), (p_ref, optimum)
+
+
+DDP_WORKER = """
+import sys, torch
+from accelerate import Accelerator
+sys.path.insert(0, sys.argv[2])
+from tests.test_ppo import toy_ppo, prompts, target_reward
+ppo = toy_ppo(micro=8, rollout_batch_size=32)
+rank = ppo.acc.process_index
+start = torch.cat([p.detach().reshape(-1) for p in ppo.unwrapped.parameters()])
+g = torch.Generator().manual_seed(100 + rank)  # every rank samples its own prompts
+for _ in range(2):
+    record, exp = ppo.step(prompts(g, rows=32), target_reward)
+flat = torch.cat([p.detach().reshape(-1) for p in ppo.unwrapped.parameters()])
+record.pop("update_s")
+torch.save({"start": start, "params": flat, "record": record, "world": ppo.acc.num_processes},
+           f"{sys.argv[1]}/rank{rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_keeps_every_rank_identical(tmp_path):
+    script = write(tmp_path / "worker.py", DDP_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "0", str(script), str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["world"] == b["world"] == 2
+    assert torch.equal(a["start"], b["start"]) and not torch.equal(a["start"], a["params"])
+    assert torch.equal(a["params"], b["params"])
+    assert a["record"] == pytest.approx(b["record"])  # statistics are reduced over both ranks
