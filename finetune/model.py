@@ -99,20 +99,7 @@ def load_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, ModelIn
                 hint = " (only safetensors weights are loaded; set model.allow_bin: true to accept .bin files)"
             raise UserError(f"model.name: cannot load {m.name!r}: {_first_line(e)}{hint}") from None
         source = m.name
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        old = model.get_input_embeddings().weight.shape[0]
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        notes.append(f"resized embeddings {old} -> {len(tokenizer)} for added tokens")
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if m.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (adapters) and torch.compile.
-        # transformers >= 5.2x names it activation checkpointing (the old name goes in v6).
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    prepare_for_training(model, recipe, tokenizer, notes)
     if recipe.adapter is not None:
         model = add_adapter(model, recipe)
         notes += adapter_notes(model)
@@ -268,6 +255,24 @@ def adapter_notes(model: torch.nn.Module) -> list[str]:
     """Plan notes for a model returned by add_adapter ([] for a model without an adapter)."""
     setup = getattr(model, "adapter_setup", None)
     return setup.notes() if setup is not None else []
+
+
+def prepare_for_training(model: torch.nn.Module, recipe: Recipe, tokenizer, notes: list[str]) -> None:
+    """Shared by every model kind: resize for added tokens, pad id, activation checkpointing."""
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        old = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        notes.append(f"resized embeddings {old} -> {len(tokenizer)} for added tokens")
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.model.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (adapters) and torch.compile.
+        # transformers >= 5.2x names it activation checkpointing (the old name goes in v6).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
 
 
 def add_adapter(model: torch.nn.Module, recipe: Recipe, new_token_ids: list[int] | None = None) -> torch.nn.Module:
@@ -455,14 +460,7 @@ def load_reward_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, 
     except (OSError, ValueError) as e:
         raise UserError(f"model.name: cannot load {m.name!r} with a scalar head: {_first_line(e)}") from None
     notes: list[str] = []
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        old = model.get_input_embeddings().weight.shape[0]
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        notes.append(f"resized embeddings {old} -> {len(tokenizer)} for added tokens")
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_for_training(model, recipe, tokenizer, notes)
     if recipe.adapter is not None:
         model = _add_reward_adapter(model, recipe)
     total, trainable = count_params(model)
