@@ -189,6 +189,7 @@ class PPOCfg(Section):
     critic: Literal["separate", "adapter"] = "separate"
     critic_from: Literal["auto", "reward_model", "policy"] = "auto"  # separate critic's start (auto: RM if any)
     critic_warmup_updates: int = Field(0, ge=0)  # the policy is frozen for the first N updates
+    critic_lr: float | None = Field(None, gt=0)  # the critic's learning rate (null: optim.lr)
     sample_every: int = Field(10, gt=0)          # completions to samples.jsonl every N updates
     samples_logged: int = Field(4, ge=0)
     eval_temperature: float = Field(0.0, ge=0)   # held-out score (run.eval_every): 0 = greedy

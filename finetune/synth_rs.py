@@ -9,8 +9,8 @@ is replayed with the same seed), so nothing held out there is trained on here:
   data/quickstart/prompts_eval.jsonl.
 - preference_train.jsonl / preference_eval.jsonl: a prompt, the reply in the SFT format
   ("7 + 5 = 12") as chosen and the same reply with a wrong result (off by 1 to 3) as rejected,
-  so a reward model learns to score the replies the policy actually writes; eval pairs are on
-  the held-out problems.
+  so a reward model learns to score the replies the policy actually writes: one pair per
+  training problem and question style (1,530), and one per held-out problem for eval.
 Deterministic; tests check the committed files are reproduced exactly.
 
 `fact_reward` is the task's strict verifier, used by recipes/rs_sft.yaml as a `function` reward:
@@ -42,14 +42,16 @@ def prompt_rows(problems: list) -> list[dict]:
             for a, op, b in problems for style in synth.QUESTION_STYLES]
 
 
-def preference_rows(rng: random.Random, problems: list) -> list[dict]:
+def preference_rows(rng: random.Random, problems: list, styles: list[str]) -> list[dict]:
+    """One pair per problem and question style: the restated fact vs. the same with a wrong result."""
     rows = []
     for a, op, b in problems:
         right = synth.answer(a, op, b)
-        delta = rng.choice([1, 2, 3])
-        wrong = right - delta if right - delta >= 0 and rng.random() < 0.5 else right + delta
-        rows.append({"prompt": synth.question(rng, a, op, b), "chosen": f"{a} {op} {b} = {right}",
-                     "rejected": f"{a} {op} {b} = {wrong}"})
+        for style in styles:
+            delta = rng.choice([1, 2, 3])
+            wrong = right - delta if right - delta >= 0 and rng.random() < 0.5 else right + delta
+            rows.append({"prompt": style.format(a=a, op=op, b=b), "chosen": f"{a} {op} {b} = {right}",
+                         "rejected": f"{a} {op} {b} = {wrong}"})
     return rows
 
 
@@ -70,8 +72,9 @@ def generate(out: Path, seed: int = 0) -> dict[str, str]:
     jsonl = lambda rows: "".join(json.dumps(r) + "\n" for r in rows)  # noqa: E731
     files = {
         "prompts_train.jsonl": jsonl(prompt_rows(train)),
-        "preference_train.jsonl": jsonl(preference_rows(rng, train)),
-        "preference_eval.jsonl": jsonl(preference_rows(rng, held_out)),
+        "preference_train.jsonl": jsonl(preference_rows(rng, train, synth.QUESTION_STYLES)),
+        "preference_eval.jsonl": jsonl([row for p in held_out  # one pair per held-out problem
+                                        for row in preference_rows(rng, [p], [rng.choice(synth.QUESTION_STYLES)])]),
     }
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():

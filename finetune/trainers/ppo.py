@@ -18,8 +18,9 @@ replacing it, so truncated answers keep their ranking; score normalisation is pe
 (optional) rather than a reward-model bias fitted on SFT data; the learning rate follows the
 recipe's scheduler per optimizer step (N+ anneals linearly per update); no truncation at a period
 token; a critic started from the policy (verifier-only runs) or the memory-lean adapter critic
-gets a fresh value head; sampling.n > 1 samples per prompt are allowed (N+ uses 1); the held-out
-score is greedy by default (N+ samples at temperature 0.01 for eval).
+gets a fresh, zero-initialised value head, optionally with its own learning rate (critic_lr: such
+a head takes hundreds of steps at a policy's learning rate); sampling.n > 1 samples per prompt
+are allowed (N+ uses 1); the held-out score is greedy by default (N+ samples at temperature 0.01).
 
     finetune run recipes/ppo_cpu.yaml              # quickstart SFT model, numeric verifier, CPU
     finetune launch recipes/ppo.yaml --gpus 8
@@ -350,6 +351,8 @@ def _build(recipe: Recipe, p: Prepared, accelerator) -> tuple[PPO, engine.MicroB
     stream = engine.MicroBatchStream(len(p.prompts), lay.prompts_per_process, world, accelerator.process_index,
                                      run.seed, recipe.data.shuffle)
     optimizer = engine.build_optimizer(recipe, models.actor_critic)
+    if cfg.critic_lr is not None:
+        _set_critic_lr(optimizer, models.actor_critic, cfg.critic_lr)
     scheduler = engine.build_scheduler(recipe, optimizer, updates * cfg.epochs * cfg.minibatches)
     if models.reference is not None:
         models.reference.to(accelerator.device)
@@ -358,6 +361,19 @@ def _build(recipe: Recipe, p: Prepared, accelerator) -> tuple[PPO, engine.MicroB
               scheduler=scheduler, reference=models.reference, max_grad_norm=recipe.optim.max_grad_norm,
               seed=run.seed, guard=NumericGuard(run.max_skipped_steps, engine.resolve_precision(recipe) == "fp16"))
     return ppo, stream, updates
+
+
+def _set_critic_lr(optimizer, model: ActorCritic, lr: float) -> None:
+    """Each parameter group split in two, the critic's half with its own learning rate: a fresh
+    value head at the policy's small learning rate takes hundreds of steps to fit the returns."""
+    critic = {id(p) for n, p in model.named_parameters() if n in model.critic_parameter_names()}
+    groups = []
+    for group in optimizer.param_groups:
+        for mine in (False, True):
+            params = [p for p in group["params"] if (id(p) in critic) == mine]
+            if params:
+                groups.append({**group, "params": params, "lr": lr if mine else group["lr"]})
+    optimizer.param_groups = groups
 
 
 def _save(ppo: PPO, out: Path, keep_last: int, tokenizer) -> Path:
