@@ -4,11 +4,12 @@
 - reference: when the policy is an adapter on model.name, the same model with its adapters
   disabled (peft's `disable_adapter()`): no second copy. With full weights, a frozen copy.
 - critic (`trainer.ppo.critic`):
-  `separate` (default, as N+): its own *ForSequenceClassification model, trained in full, whose
-  scalar head is read at every position. `critic_from: reward_model` starts it from the reward
-  model of trainer.rewards (N+), `policy` from model.name with a fresh head (verifier-only runs).
-  `adapter` (memory-lean): a second LoRA adapter named "critic" on the policy's own base plus a
-  linear value head, so policy, reference and critic share one copy of the base (QLoRA on one GPU).
+  `separate` (default, as N+): a model body of its own (AutoModel: hidden states, no LM head) and
+  a linear value head read at every position, trained in full. `critic_from: reward_model` takes
+  the reward model's body and scalar head (N+), `policy` model.name's body with a fresh head
+  (verifier-only runs). `adapter` (memory-lean): a second LoRA adapter named "critic" on the
+  policy's own base plus a value head, so policy, reference and critic share one copy of the base
+  (QLoRA on one GPU); with gradient checkpointing each layer is recomputed under the adapter it ran with.
 - `ActorCritic` holds policy and critic in one module: accelerate/DDP wrap it once, one optimizer
   steps both and the gradient norm is clipped jointly, as N+'s PolicyAndValueWrapper does.
 Dropout is switched off in every model: with dropout the "old" log-probs of the rollout and the
@@ -66,15 +67,38 @@ def keep_requires_grad(model: nn.Module):
             p.requires_grad_(flag)
 
 
+def current_adapter(model: nn.Module) -> str:
+    # LoraModel's, which set_adapter changes (PeftModel.active_adapter only follows PeftModel.set_adapter).
+    return model.base_model.active_adapter
+
+
 @contextlib.contextmanager
 def active_adapter(model: nn.Module, name: str):
-    previous = model.active_adapter
+    previous = current_adapter(model)
     with keep_requires_grad(model):
         model.base_model.set_adapter(name)
         try:
             yield
         finally:
             model.base_model.set_adapter(previous)
+
+
+def recompute_under_forward_adapter(policy: nn.Module) -> None:
+    """With gradient checkpointing a layer's forward runs again during backward, when the active
+    adapter may be another one (policy and critic adapters share the layers): record the adapter
+    at forward time and recompute under it (torch checkpoint's context_fn)."""
+    base = policy.get_base_model()
+    if not getattr(base, "is_activation_checkpointing", False):
+        return
+
+    def context_fn():
+        return contextlib.nullcontext(), active_adapter(policy, current_adapter(policy))
+
+    kwargs = {"use_reentrant": False, "context_fn": context_fn}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @contextlib.contextmanager
@@ -364,6 +388,7 @@ def adapter_critic(policy: nn.Module) -> AdapterCritic:
     for name, p in policy.named_parameters():  # an added adapter stays frozen until activated
         if f".{CRITIC_ADAPTER}." in name:
             p.requires_grad_(True)
+    recompute_under_forward_adapter(policy)
     return AdapterCritic(policy, new_value_head(policy.get_base_model().config.get_text_config().hidden_size))
 
 
