@@ -35,6 +35,7 @@ class Prepared:
     eval_prompts: list
     eval_ids: list[list[int]]
     rewards: Rewards
+    eval_rewards: Rewards  # trainer.ppo.eval_rewards, else the training rewards
     stop_ids: list[int]
     notes: list[str]
 
@@ -123,6 +124,9 @@ def prepare(recipe: Recipe, resume_from: Path | None = None, world: int | None =
     Layout.of(recipe, world)
     notes: list[str] = []
     critic_source(recipe)
+    if recipe.launch.strategy != "ddp":
+        raise RecipeError(f"launch.strategy: ppo runs under ddp; {recipe.launch.strategy} shards the weights that "
+                          "every process samples from, which this trainer does not gather yet")
     if recipe.trainer.ppo.critic == "adapter" and recipe.adapter is None:
         raise RecipeError("trainer.ppo.critic: adapter puts the critic on the policy's base as a second LoRA "
                           "adapter; it needs an adapter: section (or critic: separate)")
@@ -139,16 +143,19 @@ def prepare(recipe: Recipe, resume_from: Path | None = None, world: int | None =
     evals = evals[:recipe.trainer.ppo.eval_prompts or None]
     sizes = dict(max_length=recipe.tokenizer.max_length, batch_size=recipe.trainer.sampling.batch_size)
     rewards = build_rewards(recipe.trainer.rewards, "trainer.rewards", **sizes)
+    eval_cfgs = recipe.trainer.ppo.eval_rewards
+    eval_rewards = build_rewards(eval_cfgs, "trainer.ppo.eval_rewards", **sizes) if eval_cfgs else rewards
     rewards.check_rows(prompts, "data.train")
-    rewards.check_rows(evals, "data.eval")
+    eval_rewards.check_rows(evals, "data.eval")
     rewards.check_tokenizer(tokenizer)
+    eval_rewards.check_tokenizer(tokenizer)
     prompts, ids = encode_prompts(recipe, tokenizer, prompts, "data.train")
     evals, eval_ids = encode_prompts(recipe, tokenizer, evals, "data.eval")
     s = recipe.trainer.sampling
     if s.top_k or s.top_p < 1:
         notes.append("sampling.top_k/top_p is on: samples then come from a filtered distribution while the "
                      "ratio and KL use the full one (off-policy); N+ samples with temperature only")
-    return Prepared(tokenizer, prompts, ids, evals, eval_ids, rewards, stops, notes)
+    return Prepared(tokenizer, prompts, ids, evals, eval_ids, rewards, eval_rewards, stops, notes)
 
 
 def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> Plan:
@@ -172,6 +179,8 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
         f"rewards: {', '.join(p.rewards.names)}; KL {ppo.kl_estimator}, beta {beta}; "
         f"temperature {recipe.trainer.sampling.temperature:g}, max_new_tokens {recipe.trainer.sampling.max_new_tokens}",
     ]
+    if p.eval_rewards is not p.rewards:
+        notes.append(f"held-out score: {', '.join(p.eval_rewards.names)} (trainer.ppo.eval_rewards)")
     if ppo.critic_warmup_updates:
         notes.append(f"critic warm-up: the policy is frozen for the first {ppo.critic_warmup_updates} updates")
     tokens = sum(map(len, p.prompt_ids))
@@ -207,7 +216,7 @@ def evaluate(policy, p: Prepared, recipe: Recipe, all_reduce, accelerator) -> di
         sampling = recipe.trainer.sampling.model_copy(update={"temperature": temperature or 1.0})
         ids = [p.eval_ids[i] for i in mine]
         gen = generate(policy, ids, sampling, p.stop_ids, p.tokenizer.pad_token_id, greedy=temperature == 0)
-        scores = ChatScorer(p, [p.eval_prompts[i] for i in mine])(ids, gen.responses())
+        scores = ChatScorer(p, [p.eval_prompts[i] for i in mine], p.eval_rewards)(ids, gen.responses())
         totals += torch.tensor([sum(scores), float(gen.stopped.sum()), float(gen.response_mask.sum()), len(mine)],
                                dtype=torch.float64)
     if all_reduce is not None:  # every process takes part, with or without prompts of its own

@@ -194,6 +194,7 @@ class PPOCfg(Section):
     samples_logged: int = Field(4, ge=0)
     eval_temperature: float = Field(0.0, ge=0)   # held-out score (run.eval_every): 0 = greedy
     eval_prompts: int = Field(100, ge=0)         # at most this many held-out prompts (0: all)
+    eval_rewards: list[RewardCfg] | None = None  # the held-out score's rewards (null: trainer.rewards)
 
     @model_validator(mode="after")
     def _minibatches_divide(self) -> PPOCfg:
