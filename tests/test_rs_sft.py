@@ -256,3 +256,22 @@ def test_demo_data_is_reproduced_and_keeps_the_quickstart_split(tmp_path):
     prompt = [{"role": "user", "content": "What is 2 + 7?"}]
     assert synth_rs.fact_reward([prompt] * 4, ["2 + 7 = 9", "1 + 7 = 9", " 2 + 7 =  9 ", "9"], answer=["9"] * 4) \
         == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_a_reward_model_scores_the_samples(in_tmp, tiny_model_dir, often_stopping):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_dir = in_tmp / "rm"
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.config.pad_token_id = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
+    rm.save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm_dir)
+    recipe = rs_recipe(in_tmp, tiny_model_dir, "reward_zero", rounds=1, eval_rewards=[{"type": "numeric"}])
+    recipe["trainer"]["rewards"] = [{"type": "model", "path": str(rm_dir)}]
+    run_recipe(recipe_from_dict(recipe))
+    rows = [json.loads(x) for x in (in_tmp / "rs/rounds/round-1/samples.jsonl").read_text().splitlines()]
+    scores = [r["rewards"][f"model:{rm_dir}"] for r in rows]
+    assert len(set(scores)) > len(scores) // 2  # real, per-sample reward-model scores
+    assert all(r["reward"] == s for r, s in zip(rows, scores, strict=True))
