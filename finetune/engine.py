@@ -125,7 +125,9 @@ def build_scheduler(recipe: Recipe, optimizer, steps: int):
 
     o = recipe.optim
     warmup = o.warmup_steps or math.ceil(o.warmup_ratio * steps)
-    return get_scheduler(o.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    # transformers' "constant" ignores warmup; a recipe asking for both means a warmup, then constant.
+    name = "constant_with_warmup" if o.scheduler == "constant" and warmup else o.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
 def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: Path | None = None) -> Path:

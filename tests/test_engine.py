@@ -199,3 +199,21 @@ def test_engine_options_run_and_learn(in_tmp, section, key, value):
     assert len(losses) == 5 and losses[-1] < losses[0]
     if value == ["tensorboard"]:
         assert list((in_tmp / "out" / "logs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine"])
+def test_warmup_applies_to_every_scheduler(scheduler):
+    # transformers' "constant" ignores num_warmup_steps; a recipe asking for warmup gets one.
+    from finetune.engine import build_scheduler
+
+    recipe = recipe_from_dict({"model": {"name": "m"}, "data": {"train": [{"path": "x.jsonl"}]},
+                               "trainer": {"type": "sft"}, "optim": {"lr": 1.0, "warmup_steps": 4, "scheduler": scheduler},
+                               "run": {"output_dir": "out", "max_steps": 20}})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(recipe, opt, 20)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0], abs=0.02), lrs
