@@ -6,7 +6,11 @@ The problems and their train / held-out split are exactly those of finetune.synt
 is replayed with the same seed), so nothing held out there is trained on here:
 - prompts_train.jsonl: every training problem in each of the three question styles, with its
   answer (1,530 prompts): what recipes/rs_sft.yaml samples from. Held-out prompts are
-  data/quickstart/prompts_eval.jsonl.
+  data/quickstart/prompts_eval.jsonl (one style each).
+- prompts_eval.jsonl: every held-out problem in each question style (300 prompts): the held-out
+  pass@1 of the rejection-sampling, PPO and quickstart-story evaluations. Three phrasings per
+  problem cut the noise of a 100-prompt score (standard error ~0.05) and test that the policy
+  reads the question rather than one phrasing.
 - preference_train.jsonl / preference_eval.jsonl: a prompt, the reply in the SFT format
   ("7 + 5 = 12") as chosen and the same reply with a wrong result (off by 1 to 3) as rejected,
   so a reward model learns to score the replies the policy actually writes: one pair per
@@ -72,6 +76,7 @@ def generate(out: Path, seed: int = 0) -> dict[str, str]:
     jsonl = lambda rows: "".join(json.dumps(r) + "\n" for r in rows)  # noqa: E731
     files = {
         "prompts_train.jsonl": jsonl(prompt_rows(train)),
+        "prompts_eval.jsonl": jsonl(prompt_rows(held_out)),
         "preference_train.jsonl": jsonl(preference_rows(rng, train, synth.QUESTION_STYLES)),
         "preference_eval.jsonl": jsonl([row for p in held_out  # one pair per held-out problem
                                         for row in preference_rows(rng, [p], [rng.choice(synth.QUESTION_STYLES)])]),

@@ -253,6 +253,8 @@ def test_demo_data_is_reproduced_and_keeps_the_quickstart_split(tmp_path):
     train = rows(ROOT / "data/quickstart_rs/prompts_train.jsonl")
     assert len(train) == 1530 and not {key(r) for r in train} & held_out
     assert {key(r) for r in rows(ROOT / "data/quickstart_rs/preference_eval.jsonl")} == held_out
+    evals = rows(ROOT / "data/quickstart_rs/prompts_eval.jsonl")
+    assert len(evals) == 300 and {key(r) for r in evals} == held_out
     prompt = [{"role": "user", "content": "What is 2 + 7?"}]
     assert synth_rs.fact_reward([prompt] * 4, ["2 + 7 = 9", "1 + 7 = 9", " 2 + 7 =  9 ", "9"], answer=["9"] * 4) \
         == [1.0, 0.0, 1.0, 0.0]
