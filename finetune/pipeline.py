@@ -5,7 +5,7 @@
       eval: {data: data/quickstart/prompts_eval.jsonl, rewards: [{type: numeric}]}
     stages:
       - name: pretrain
-        recipe: recipes/quickstart.yaml
+        recipe: recipes/pretrain_tiny.yaml
       - name: sft
         recipe: recipes/sft_lora_cpu.yaml
         overrides: {model.name: "stage:pretrain"}
@@ -17,7 +17,12 @@ A value "stage:NAME" is the output of an EARLIER stage: `<root>/NAME/final` for 
 stages are validated before anything runs (unknown or later stages, bad recipes and overrides);
 a rerun skips the finished stages and resumes the unfinished one from its newest checkpoint.
 With `pipeline.eval`, every stage's model is scored on held-out prompts and a table is printed
-and written to `<root>/pipeline.json`.
+and written to `<root>/pipeline.json`; `<root>/plot.png` shows that table and each stage's curves.
+
+Command-line overrides: `pipeline.KEY=V` sets the pipeline section, `stages.NAME.KEY=V` one
+stage's recipe, any other `KEY=V` every training stage (run.overwrite=true reruns them all). A
+stage that runs again makes every later stage run again. Stage recipe paths are relative to the
+pipeline file's folder when the file is there, else to the working directory.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from finetune.errors import RecipeError
-from finetune.recipe import Recipe, RewardCfg, load_recipe
+from finetune.recipe import Recipe, RewardCfg, _set_dotted, load_recipe, parse_override
 
 STAGE_REF = "stage:"
 
@@ -82,12 +87,30 @@ def is_pipeline(path: str | Path) -> bool:
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline, list[tuple[Stage, Recipe | None]]]:
     """Parses and validates every stage (recipes loaded with their overrides, references checked)."""
     path = Path(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    # pipeline.* overrides (pipeline.output_dir=runs/x) set the pipeline section; the rest go to every stage.
+    # stages.NAME.* overrides (stages.ppo.run.max_steps=5) go to that stage only.
+    mine = [o for o in overrides if o.split("=", 1)[0].strip().startswith("pipeline.")]
+    per_stage: dict[str, list[str]] = {}
+    for o in overrides:
+        if o.startswith("stages."):
+            name, _, rest = o[len("stages."):].partition(".")
+            per_stage.setdefault(name, []).append(rest)
+    overrides = [o for o in overrides if o not in mine and not o.startswith("stages.")]
+    for item in mine:
+        key, value = parse_override(item)
+        if isinstance(data, dict) and isinstance(data.get("pipeline"), dict):
+            _set_dotted(data, key, value, f"override {item!r}")
     try:
-        pipe = Pipeline.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+        pipe = Pipeline.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         raise RecipeError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     root = Path(pipe.pipeline.output_dir)
+    unknown = set(per_stage) - {s.name for s in pipe.stages}
+    if unknown:
+        raise RecipeError(f"override stages.{sorted(unknown)[0]}.*: no such stage in {path} "
+                          f"(stages: {', '.join(s.name for s in pipe.stages)})")
     seen: dict[str, Stage] = {}
     planned: list[tuple[Stage, Recipe | None]] = []
     for i, stage in enumerate(pipe.stages):
@@ -100,14 +123,20 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
         else:
             items = [f"{k}={_resolve(v, seen, root, key) if isinstance(v, str) else _yaml(v)}"
                      for k, v in stage.overrides.items()]
-            items += [f"run.output_dir={root / stage.name}", *overrides]
+            items += [f"run.output_dir={root / stage.name}", *overrides, *per_stage.get(stage.name, [])]
             try:
-                recipe = load_recipe(stage.recipe, items)
+                recipe = load_recipe(_recipe_path(path, stage.recipe), items)
             except RecipeError as e:
                 raise RecipeError(f"{key}: {e}") from None
             planned.append((stage, recipe))
         seen[stage.name] = stage
     return pipe, planned
+
+
+def _recipe_path(pipeline_file: Path, recipe: str) -> Path:
+    """A stage's recipe path is relative to the pipeline file's folder, else to the working directory."""
+    beside = pipeline_file.parent / recipe
+    return beside if not Path(recipe).is_absolute() and beside.is_file() else Path(recipe)
 
 
 def _yaml(value: Any) -> str:
@@ -145,22 +174,39 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), dry_run: bool = Fa
             info(f"stage {stage.name:<10} {what} -> {stage_output(root, stage)}")
         return root
     results: list[dict] = []
-    for stage, recipe in planned:
+    rerun = False  # once a stage runs again, every later stage must too (its input changed)
+    for i, (stage, recipe) in enumerate(planned, 1):
         out = stage_output(root, stage)
-        if stage_done(root, stage):
-            info(f"[bold]stage {stage.name}[/]: finished earlier ({out}), skipped")
+        title = f"[bold]stage {i}/{len(planned)} {stage.name}[/]"
+        if stage_done(root, stage) and not rerun and not (recipe is not None and recipe.run.overwrite):
+            info(f"{title}: finished earlier ({out}), skipped")
         elif recipe is None:
-            info(f"[bold]stage {stage.name}[/]: merge {stage.merge}")
+            info(f"{title}: merge {stage.merge}")
             _merge(stage, root, pipe)
+            rerun = True
         else:
-            info(f"[bold]stage {stage.name}[/]: {recipe.trainer.type} ({stage.recipe})")
-            run_recipe(recipe)
+            info(f"{title}: {recipe.trainer.type} ({stage.recipe})")
+            run_recipe(recipe.model_copy(update={"run": recipe.run.model_copy(update={"overwrite": True})})
+                       if rerun and stage_done(root, stage) else recipe)
+            rerun = True
         if pipe.pipeline.eval is not None:
             results.append({"stage": stage.name, "model": str(out), **evaluate_stage(out, pipe.pipeline.eval)})
             _write_results(root, results)
     if results:
         print_table(results)
+    plot_pipeline(root, planned, results)
     return root
+
+
+def plot_pipeline(root: Path, planned: list, results: list[dict]) -> None:
+    """<root>/plot.png: held-out accuracy after each stage, then each training stage's curves."""
+    from finetune.metrics import info
+    from finetune.plot import plot_story
+
+    runs = [(stage.name, root / stage.name) for stage, recipe in planned
+            if recipe is not None and (root / stage.name / "metrics.jsonl").is_file()]
+    path = plot_story(root / "plot.png", results, runs)
+    info(f"plot: {path}")
 
 
 def _merge(stage: Stage, root: Path, pipe: Pipeline) -> None:

@@ -33,7 +33,8 @@ LABELS = {
     "eval_pass@n": "eval pass@n (fraction)", "reward": "reward (mean per sample)", "kl": "KL to reference (nats)",
     "lr": "learning rate", "grad_norm": "gradient norm (L2, before clipping)", "tokens_per_s": "throughput (tokens/s)",
     "acceptance_rate": "acceptance rate (fraction)", "length_mean": "completion length (tokens)",
-    "reward_mean": "reward (mean over samples)",
+    "reward_mean": "reward (mean over samples)", "score": "score (mean over rollouts)",
+    "eval_score": "held-out score (greedy)",
 }
 
 
@@ -185,3 +186,53 @@ def cmd_plot(args) -> int:
         return e.exit_code
     print(f"wrote {out}")
     return 0
+
+
+# A pipeline's picture: per training stage, what it trains on and what it is judged by.
+STORY_TRAIN = ("score", "reward_mean", "loss")
+STORY_EVAL = ("eval_score", "eval_pass@1", "eval_exact_match", "eval_loss")
+
+
+def plot_story(out: Path, results: list[dict], runs: list[tuple[str, Path]]) -> Path:
+    """First panel: held-out accuracy after each stage (bars); then one panel per training stage with
+    its training metric (left axis) and its own eval metric (right axis, dashed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = len(runs) + bool(results)
+    cols = min(3, panels)
+    fig = Figure(figsize=(5.0 * cols, 3.4 * math.ceil(panels / cols)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = iter(fig.subplots(math.ceil(panels / cols), cols, squeeze=False).ravel())
+    if results:
+        ax = next(axes)
+        names, values = [r["stage"] for r in results], [r["accuracy"] for r in results]
+        bars = ax.bar(names, values, color=[f"C{i % 10}" for i in range(len(names))])
+        ax.bar_label(bars, fmt="%.2f", fontsize="small")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("held-out accuracy after each stage")
+        ax.set_ylabel("greedy accuracy (fraction)")
+    for name, run in runs:
+        m = read_metrics(str(run), name)
+        ax = next(axes)
+        # rs_sft logs rounds, ppo updates (each several optimizer steps), the rest optimizer steps.
+        x_label = "round" if m.by_round else "update" if "score" in m.series else "step (optimizer steps)"
+        train = next((k for k in STORY_TRAIN if k in m.series), None)
+        evals = next((k for k in STORY_EVAL if k in m.series), None)
+        for axis, key, style in ((ax, train, "-"), (ax.twinx() if train and evals else ax, evals, "--o")):
+            if key is None:
+                continue
+            xs, ys = zip(*m.series[key], strict=True)
+            color = "C0" if style == "-" else "C3"
+            axis.plot(xs, ys, style, color=color, markersize=3, linewidth=1.4, label=key)
+            axis.set_ylabel(LABELS.get(key, key), color=color)
+        ax.set_title(name)
+        ax.set_xlabel(x_label)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes:
+        ax.set_visible(False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out

@@ -62,6 +62,22 @@ def test_stages_run_in_order_then_are_skipped(in_tmp, capsys):
     err = capsys.readouterr().err
     assert err.count("finished earlier") == 3 and "held-out accuracy" in err
     assert (root / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns == before
+    assert (root / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overwrite_reruns_a_stage_and_everything_after_it(in_tmp, capsys):
+    stage_recipes(in_tmp)
+    stages = [dict(s) for s in STAGES]
+    root = run_pipeline(pipeline(in_tmp, stages))
+    stamp = lambda p: p.stat().st_mtime_ns  # noqa: E731
+    pre, merged = stamp(root / "pretrain/final/model.safetensors"), stamp(root / "merged/model.safetensors")
+    stages[1]["overrides"] = {**stages[1]["overrides"], "run.overwrite": True}
+    capsys.readouterr()
+    run_pipeline(pipeline(in_tmp, stages))
+    err = capsys.readouterr().err
+    assert "stage 1/3 pretrain: finished earlier" in err and "stage 2/3 sft: sft" in err
+    assert stamp(root / "pretrain/final/model.safetensors") == pre
+    assert stamp(root / "merged/model.safetensors") != merged  # its input changed: merged again
 
 
 def test_rerun_resumes_the_unfinished_stage(in_tmp, capsys):
@@ -74,7 +90,7 @@ def test_rerun_resumes_the_unfinished_stage(in_tmp, capsys):
     capsys.readouterr()
     run_pipeline(path)
     err = capsys.readouterr().err
-    assert "stage pretrain: finished earlier" in err and "resuming from" in err
+    assert "stage 1/2 pretrain: finished earlier" in err and "resuming from" in err
     assert (root / "sft" / "final" / "adapter_config.json").is_file()
 
 
