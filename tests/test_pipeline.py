@@ -110,3 +110,17 @@ def test_bad_pipelines_fail_before_running(in_tmp, capsys, stages, fragment):
         load_pipeline(path)
     assert main(["validate", path]) == 2 and fragment in capsys.readouterr().err
     assert not (in_tmp / "story").exists()
+
+
+def test_overrides_reach_the_pipeline_one_stage_or_every_stage(in_tmp):
+    stage_recipes(in_tmp)
+    path = pipeline(in_tmp, STAGES)
+    pipe, planned = load_pipeline(path, [f"pipeline.output_dir={in_tmp / 'other'}", "stages.sft.run.max_steps=1",
+                                         "run.seed=7"])
+    recipes = {stage.name: recipe for stage, recipe in planned if recipe is not None}
+    assert pipe.pipeline.output_dir == str(in_tmp / "other")
+    assert recipes["sft"].run.output_dir == str(in_tmp / "other" / "sft")
+    assert recipes["sft"].run.max_steps == 1 and recipes["pretrain"].run.max_steps == 3
+    assert recipes["sft"].run.seed == recipes["pretrain"].run.seed == 7
+    with pytest.raises(RecipeError, match="stages.sfx.*: no such stage"):
+        load_pipeline(path, ["stages.sfx.run.max_steps=1"])
