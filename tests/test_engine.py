@@ -207,7 +207,8 @@ def test_warmup_applies_to_every_scheduler(scheduler):
     from finetune.engine import build_scheduler
 
     recipe = recipe_from_dict({"model": {"name": "m"}, "data": {"train": [{"path": "x.jsonl"}]},
-                               "trainer": {"type": "sft"}, "optim": {"lr": 1.0, "warmup_steps": 4, "scheduler": scheduler},
+                               "trainer": {"type": "sft"},
+                               "optim": {"lr": 1.0, "warmup_steps": 4, "scheduler": scheduler},
                                "run": {"output_dir": "out", "max_steps": 20}})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_scheduler(recipe, opt, 20)
