@@ -9,7 +9,7 @@ transformers causal-LM architecture and `tokenizer.train` fits a byte-level BPE 
 training text (the chat-template tokens are added so later SFT stages can use ChatML).
 
     finetune run recipes/pretrain.yaml
-    finetune run recipes/quickstart.yaml run.max_steps=50
+    finetune run recipes/pretrain_tiny.yaml run.max_steps=50
 """
 
 from __future__ import annotations
