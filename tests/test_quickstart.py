@@ -15,12 +15,15 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-# Measured on 2 CPU cores (recipes/quickstart.yaml, seed 42, two runs): rs held-out pass@1
-# 0.17 -> 0.32 and 0.17 -> 0.37; rs sampled pass rate on the training prompts 0.064 -> 0.109 and
-# 0.065 -> 0.111 (round 1 -> 3); ppo training score 0.171 (frozen) -> 0.213 (last 5 updates).
+# Measured on 2 CPU cores (recipes/quickstart.yaml, seed 42, three runs): rs held-out pass@1
+# 0.17 -> 0.32, 0.17 -> 0.37 and 0.12 -> 0.32; rs sampled pass rate on the training prompts
+# 0.064 -> 0.109, 0.065 -> 0.111 and 0.068 -> 0.096 (round 1 -> 3); ppo training score 0.171 -> 0.213 and
+# 0.150 -> 0.180 (frozen for the critic's warm-up -> last 5 updates).
 RS_HELD_OUT_GAIN = 0.05   # 300 prompts: standard error of a difference ~0.04
-RS_TRAIN_GAIN = 0.02      # 12,240 samples per round: standard error ~0.004
-PPO_TRAIN_GAIN = 0.01     # 512 rollouts per update: standard error of the difference ~0.015
+RS_TRAIN_GAIN = 0.01      # 12,240 samples per round: standard error ~0.004 (measured +0.028 to +0.046)
+# 512 rollouts per update: the difference has a standard error ~0.015, so only "it rose" is
+# asserted here; the toy tasks in test_ppo.py hold PPO to its numbers.
+PPO_TRAIN_GAIN = 0.0
 
 
 def metrics(out) -> list[dict]:
@@ -52,8 +55,9 @@ def test_pretraining_learns_the_language(story):
 def test_every_stage_is_scored_and_drawn(story):
     root, acc = story
     assert list(acc) == ["pretrain", "sft", "rs", "merged", "ppo"]
-    # The pretrained model does not know the chat format; SFT teaches it (measured 0.00 -> ~0.4).
-    assert acc["sft"] >= acc["pretrain"] + 0.25, acc
+    # The pretrained model does not know the chat format; SFT on half the demonstrations teaches
+    # it and leaves room for the later stages (measured 0.00 -> 0.12, 0.17, 0.17).
+    assert acc["pretrain"] < 0.02 and acc["sft"] >= 0.05, acc
     assert acc["merged"] == acc["rs"]  # merged == adapter: the same greedy replies
     assert (root / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / "rs" / "final" / "adapter_config.json").is_file()
@@ -69,7 +73,8 @@ def test_rejection_sampling_raises_held_out_pass_at_1(story):
     # the training prompts rises, and the skill (restating the question) carries over to held-out.
     assert rounds[3]["reward_mean"] >= rounds[1]["reward_mean"] + RS_TRAIN_GAIN, rounds
     assert rounds[3]["eval_pass@1"] >= rounds[0]["eval_pass@1"] + RS_HELD_OUT_GAIN, rounds
-    assert acc["rs"] == rounds[3]["eval_pass@1"]  # the trainer's and the pipeline's evals agree
+    # The trainer's and the pipeline's evals agree (metrics.jsonl keeps 6 significant digits).
+    assert acc["rs"] == pytest.approx(rounds[3]["eval_pass@1"], abs=1e-4)
 
 
 def test_ppo_raises_the_reward_with_kl_bounded(story):
@@ -77,7 +82,7 @@ def test_ppo_raises_the_reward_with_kl_bounded(story):
     updates = [r for r in metrics(root / "ppo") if "score" in r]
     frozen = [r["score"] for r in updates[:2]]  # critic warm-up: the policy has not moved yet
     late = [r["score"] for r in updates[-5:]]
-    assert sum(late) / len(late) >= sum(frozen) / len(frozen) + PPO_TRAIN_GAIN, updates
+    assert sum(late) / len(late) > sum(frozen) / len(frozen) + PPO_TRAIN_GAIN, updates
     assert max(r["kl"] for r in updates) < 1.0, updates
     assert acc["ppo"] >= acc["merged"] - 0.05, acc
 
