@@ -156,6 +156,16 @@ class Rewards:
                 if comp.numeric_column and parse_number(conv.extra[comp.column]) is None:
                     raise DataError(f"{conv.origin}: {comp.key} ({comp.name}) compares numbers, but column "
                                     f"{comp.column!r} holds {conv.extra[comp.column]!r}")
+        # A function reward is called with every column for every row: a row without one that the
+        # other rows have would reach it as None and score silently wrong.
+        function = next((c for c in self.components if c.name.startswith("function:")), None)
+        if function is not None and conversations:
+            every = dict.fromkeys(k for conv in conversations for k in conv.extra)
+            for conv in conversations:
+                missing = [k for k in every if k not in conv.extra]
+                if missing:
+                    raise DataError(f"{conv.origin}: {function.key} ({function.name}) is called with column "
+                                    f"{missing[0]!r}, which this {key} row lacks while others have it")
 
     def check_tokenizer(self, tokenizer) -> None:
         """Reward models must render conversations with this run's chat template."""

@@ -125,3 +125,12 @@ def test_rows_without_the_column_a_verifier_reads_are_named():
         rewards.check_rows([good, Conversation(PROMPT, "p.jsonl:2", extra={"solution": "12"})], "data.train")
     with pytest.raises(DataError, match=r"p.jsonl:3: .* holds 'twelve'"):
         rewards.check_rows([Conversation(PROMPT, "p.jsonl:3", extra={"answer": "twelve"})], "data.train")
+
+
+def test_a_function_reward_row_missing_a_column_the_others_have_is_named():
+    rewards = build_rewards([RewardCfg(type="function", function="finetune.synth_rs:fact_reward")])
+    rows = [Conversation(PROMPT, f"p.jsonl:{i}", extra={"answer": "12"}) for i in (1, 2)]
+    rewards.check_rows(rows, "data.train")
+    with pytest.raises(DataError, match=r"p.jsonl:3: trainer.rewards.0 \(function:finetune.synth_rs:fact_reward\) "
+                                        r"is called with column 'answer', which this data.train row lacks"):
+        rewards.check_rows([*rows, Conversation(PROMPT, "p.jsonl:3", extra={})], "data.train")
