@@ -113,20 +113,28 @@ def generate(out: Path, seed: int = 0) -> dict[str, str]:
     files["prompts_eval.jsonl"] = jsonl(prompt_rows(rng, held_out))
     files["preference_train.jsonl"] = jsonl(preference_rows(rng, train))
     files["preference_eval.jsonl"] = jsonl(preference_rows(rng, held_out))
+    return write_files(out, files)
+
+
+def write_files(out: Path, files: dict[str, str]) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         (out / name).write_text(content, encoding="utf-8")
     return files
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/quickstart")
+def cli(doc: str, generate_fn, default_out: str) -> None:
+    """`python -m finetune.synth` / `finetune.synth_rs`: [--out DIR] [--seed N], a line per file."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=default_out)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    files = generate(Path(args.out), args.seed)
-    for name, content in files.items():
+    for name, content in generate_fn(Path(args.out), args.seed).items():
         print(f"{args.out}/{name}: {content.count(chr(10))} lines")
+
+
+def main() -> None:
+    cli(__doc__, generate, "data/quickstart")
 
 
 if __name__ == "__main__":

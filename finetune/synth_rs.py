@@ -25,7 +25,6 @@ keeps at temperature 0.7 from the quickstart SFT model).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -81,19 +80,11 @@ def generate(out: Path, seed: int = 0) -> dict[str, str]:
         "preference_eval.jsonl": jsonl([row for p in held_out  # one pair per held-out problem
                                         for row in preference_rows(rng, [p], [rng.choice(synth.QUESTION_STYLES)])]),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        (out / name).write_text(content, encoding="utf-8")
-    return files
+    return synth.write_files(out, files)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/quickstart_rs")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    for name, content in generate(Path(args.out), args.seed).items():
-        print(f"{args.out}/{name}: {content.count(chr(10))} lines")
+    synth.cli(__doc__, generate, "data/quickstart_rs")
 
 
 if __name__ == "__main__":
