@@ -90,13 +90,18 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     # pipeline.* overrides (pipeline.output_dir=runs/x) set the pipeline section; the rest go to every stage.
     # stages.NAME.* overrides (stages.ppo.run.max_steps=5) go to that stage only.
-    mine = [o for o in overrides if o.split("=", 1)[0].strip().startswith("pipeline.")]
+    mine: list[str] = []
     per_stage: dict[str, list[str]] = {}
+    every: list[str] = []
     for o in overrides:
-        if o.startswith("stages."):
-            name, _, rest = o[len("stages."):].partition(".")
+        head = o.split("=", 1)[0].strip()
+        if head.startswith("pipeline."):
+            mine.append(o)
+        elif head.startswith("stages."):
+            name, _, rest = o.strip()[len("stages."):].partition(".")
             per_stage.setdefault(name, []).append(rest)
-    overrides = [o for o in overrides if o not in mine and not o.startswith("stages.")]
+        else:
+            every.append(o)
     for item in mine:
         key, value = parse_override(item)
         if isinstance(data, dict) and isinstance(data.get("pipeline"), dict):
@@ -123,7 +128,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
         else:
             items = [f"{k}={_resolve(v, seen, root, key) if isinstance(v, str) else _yaml(v)}"
                      for k, v in stage.overrides.items()]
-            items += [f"run.output_dir={root / stage.name}", *overrides, *per_stage.get(stage.name, [])]
+            items += [f"run.output_dir={root / stage.name}", *every, *per_stage.get(stage.name, [])]
             try:
                 recipe = load_recipe(_recipe_path(path, stage.recipe), items)
             except RecipeError as e:
@@ -186,8 +191,9 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), dry_run: bool = Fa
             rerun = True
         else:
             info(f"{title}: {recipe.trainer.type} ({stage.recipe})")
+            # Behind a stage that ran again, neither a finished run nor old checkpoints may be reused.
             run_recipe(recipe.model_copy(update={"run": recipe.run.model_copy(update={"overwrite": True})})
-                       if rerun and stage_done(root, stage) else recipe)
+                       if rerun else recipe)
             rerun = True
         if pipe.pipeline.eval is not None:
             results.append({"stage": stage.name, "model": str(out), **evaluate_stage(out, pipe.pipeline.eval)})
@@ -205,6 +211,8 @@ def plot_pipeline(root: Path, planned: list, results: list[dict]) -> None:
 
     runs = [(stage.name, root / stage.name) for stage, recipe in planned
             if recipe is not None and (root / stage.name / "metrics.jsonl").is_file()]
+    if not runs and not results:  # merges only, no eval: nothing to draw
+        return
     path = plot_story(root / "plot.png", results, runs)
     info(f"plot: {path}")
 

@@ -124,3 +124,17 @@ def test_overrides_reach_the_pipeline_one_stage_or_every_stage(in_tmp):
     assert recipes["sft"].run.seed == recipes["pretrain"].run.seed == 7
     with pytest.raises(RecipeError, match="stages.sfx.*: no such stage"):
         load_pipeline(path, ["stages.sfx.run.max_steps=1"])
+
+
+def test_a_stage_behind_a_rerun_one_does_not_resume_its_stale_checkpoints(in_tmp, capsys):
+    stage_recipes(in_tmp)
+    stages = [dict(s) for s in STAGES[:2]]
+    stages[1]["overrides"] = {"model.name": "stage:pretrain", "run.save_every": 1}
+    path = pipeline(in_tmp, stages)
+    root = run_pipeline(path)
+    (root / "sft" / "final").rename(in_tmp / "gone")  # sft killed after its checkpoints
+    capsys.readouterr()
+    run_pipeline(path, ["stages.pretrain.run.overwrite=true"])
+    err = capsys.readouterr().err
+    assert "stage 1/2 pretrain: pretrain" in err and "resuming from" not in err
+    assert (root / "sft" / "final" / "adapter_config.json").is_file()
