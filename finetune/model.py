@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -455,16 +456,34 @@ def load_reward_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, 
     if m.quantize is not None:
         kwargs.update(quantization_kwargs(recipe))
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            m.name, revision=m.revision, trust_remote_code=m.trust_remote_code, use_safetensors=True, **kwargs)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            m.name, revision=m.revision, trust_remote_code=m.trust_remote_code, use_safetensors=True,
+            output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"model.name: cannot load {m.name!r} with a scalar head: {_first_line(e)}") from None
     notes: list[str] = []
+    if any(k.split(".")[-2:] == ["score", "weight"] for k in loading.get("missing_keys", ())):
+        init_score_head(model)
     prepare_for_training(model, recipe, tokenizer, notes)
     if recipe.adapter is not None:
         model = _add_reward_adapter(model, recipe)
     total, trainable = count_params(model)
     return model, ModelInfo(total, trainable, str(dtype).removeprefix("torch."), f"{m.name} + scalar head", notes)
+
+
+def init_score_head(model: torch.nn.Module) -> None:
+    """A new scalar head drawn from N(0, 1/sqrt(d_model + 1)), bias 0, as OpenAI's
+    lm-human-preferences and the N+ implementation details do, so the head's output starts at unit
+    scale on the normalised final hidden state whatever the width (transformers' default std 0.02
+    does not scale with it). On the quickstart task it made no measurable difference (the loss
+    leaves ln 2 after ~200 steps either way); it is there to match the reference recipe."""
+    from finetune.reward_model import score_head
+
+    head = score_head(model)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 def _add_reward_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:

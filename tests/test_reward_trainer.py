@@ -215,3 +215,20 @@ def test_margin_column_is_required_when_used_and_format_is_checked(in_tmp, tiny_
     recipe["data"]["train"][0]["format"] = "prompts"
     with pytest.raises(DataError, match="trainer reward reads format 'preference'"):
         run_recipe(recipe_from_dict(recipe))
+
+
+def test_a_new_head_is_drawn_at_the_reference_scale_and_a_trained_one_is_kept(in_tmp, tiny_model_dir,
+                                                                              reward_model_dir):
+    from safetensors.torch import load_file
+
+    from finetune.model import load_reward_model
+    from finetune.reward_model import score_head
+
+    torch.manual_seed(0)
+    model, _ = load_reward_model(recipe_from_dict(reward_recipe(in_tmp, tiny_model_dir)))
+    head = score_head(model).weight
+    want = 1 / math.sqrt(head.shape[1] + 1)  # lm-human-preferences / N+: N(0, 1/sqrt(d_model + 1))
+    assert head.std().item() == pytest.approx(want, rel=0.25)
+    # continuing a reward model keeps its trained head (the fixture's head has transformers' 0.02 std)
+    model, _ = load_reward_model(recipe_from_dict(reward_recipe(in_tmp, reward_model_dir)))
+    assert torch.equal(score_head(model).weight, load_file(reward_model_dir / "model.safetensors")["score.weight"])
