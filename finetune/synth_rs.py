@@ -12,9 +12,14 @@ is replayed with the same seed), so nothing held out there is trained on here:
   problem cut the noise of a 100-prompt score (standard error ~0.05) and test that the policy
   reads the question rather than one phrasing.
 - preference_train.jsonl / preference_eval.jsonl: a prompt, the reply in the SFT format
-  ("7 + 5 = 12") as chosen and the same reply with a wrong result (off by 1 to 3) as rejected,
-  so a reward model learns to score the replies the policy actually writes: one pair per
-  training problem and question style (1,530), and one per held-out problem for eval.
+  ("7 + 5 = 12") as chosen and a reply stating a nearby problem instead, true in itself ("7 + 4 =
+  11"), as rejected: one pair per problem and question style (1,530 train, 300 eval).
+  Misstated problems are 81% of the quickstart SFT model's wrong samples (the rest state the
+  right problem with a wrong result). Measured on the tiny reward model: pairs that differ only
+  in the result stay at chance (checking the fact needs the fact), a set with half such pairs
+  learns nothing, and misstatements that also carry a wrong result train a weaker model (0.83
+  held-out accuracy, 60% of the replies it keeps in rejection sampling right, against 0.98 and
+  82% for this set).
 Deterministic; tests check the committed files are reproduced exactly.
 
 `fact_reward` is the task's strict verifier, used by recipes/rs_sft.yaml as a `function` reward:
@@ -45,17 +50,21 @@ def prompt_rows(problems: list) -> list[dict]:
             for a, op, b in problems for style in synth.QUESTION_STYLES]
 
 
+def misstated(rng: random.Random, a: int, op: str, b: int) -> str:
+    """A nearby wrong problem (one operand off by 1 to 3) stated with its own true result: the
+    quickstart SFT model's usual error, and one only the question can refute."""
+    while True:
+        d = rng.choice([-3, -2, -1, 1, 2, 3])
+        a2, b2 = (a + d, b) if rng.random() < 0.5 else (a, b + d)
+        if 0 <= a2 <= synth.MAX_OPERAND and 0 <= b2 <= synth.MAX_OPERAND and (op == "+" or b2 <= a2):
+            return f"{a2} {op} {b2} = {synth.answer(a2, op, b2)}"
+
+
 def preference_rows(rng: random.Random, problems: list, styles: list[str]) -> list[dict]:
-    """One pair per problem and question style: the restated fact vs. the same with a wrong result."""
-    rows = []
-    for a, op, b in problems:
-        right = synth.answer(a, op, b)
-        for style in styles:
-            delta = rng.choice([1, 2, 3])
-            wrong = right - delta if right - delta >= 0 and rng.random() < 0.5 else right + delta
-            rows.append({"prompt": style.format(a=a, op=op, b=b), "chosen": f"{a} {op} {b} = {right}",
-                         "rejected": f"{a} {op} {b} = {wrong}"})
-    return rows
+    """One pair per problem and question style: the fact restated vs. a misstated problem."""
+    return [{"prompt": style.format(a=a, op=op, b=b), "chosen": f"{a} {op} {b} = {synth.answer(a, op, b)}",
+             "rejected": misstated(rng, a, op, b)}
+            for a, op, b in problems for style in styles]
 
 
 def fact_reward(prompts, completions, answer, **columns) -> list[float]:
@@ -77,8 +86,7 @@ def generate(out: Path, seed: int = 0) -> dict[str, str]:
         "prompts_train.jsonl": jsonl(prompt_rows(train)),
         "prompts_eval.jsonl": jsonl(prompt_rows(held_out)),
         "preference_train.jsonl": jsonl(preference_rows(rng, train, synth.QUESTION_STYLES)),
-        "preference_eval.jsonl": jsonl([row for p in held_out  # one pair per held-out problem
-                                        for row in preference_rows(rng, [p], [rng.choice(synth.QUESTION_STYLES)])]),
+        "preference_eval.jsonl": jsonl(preference_rows(rng, held_out, synth.QUESTION_STYLES)),
     }
     return synth.write_files(out, files)
 

@@ -252,7 +252,12 @@ def test_demo_data_is_reproduced_and_keeps_the_quickstart_split(tmp_path):
     held_out = {key(r) for r in rows(ROOT / "data/quickstart/prompts_eval.jsonl")}
     train = rows(ROOT / "data/quickstart_rs/prompts_train.jsonl")
     assert len(train) == 1530 and not {key(r) for r in train} & held_out
-    assert {key(r) for r in rows(ROOT / "data/quickstart_rs/preference_eval.jsonl")} == held_out
+    preference_eval = rows(ROOT / "data/quickstart_rs/preference_eval.jsonl")
+    assert len(preference_eval) == 300 and {key(r) for r in preference_eval} == held_out
+    for pair in preference_eval + rows(ROOT / "data/quickstart_rs/preference_train.jsonl"):
+        a, op, b, _, c = pair["rejected"].split()  # another problem, true in itself
+        assert pair["chosen"].startswith(" ".join(key(pair))) and (a, op, b) != key(pair)
+        assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
     evals = rows(ROOT / "data/quickstart_rs/prompts_eval.jsonl")
     assert len(evals) == 300 and {key(r) for r in evals} == held_out
     prompt = [{"role": "user", "content": "What is 2 + 7?"}]
