@@ -35,7 +35,7 @@ lint: install
 	$(VENV)/bin/ruff check finetune tests
 
 data: install
-	$(PY) -m finetune.synth --out data/quickstart
+	$(PY) -m finetune.demo.synth --out data/quickstart
 
 # GPU machine: our SFT path vs TRL's on the issue's shapes, one JSON line per run + a table (docs/benchmarks.md).
 BENCH_ARGS ?= --suite issue --shapes qwen0.5b,llama1b --check

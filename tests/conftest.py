@@ -59,7 +59,7 @@ def save_tiny_chat_model(path: Path, texts: list[str] | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune.tokenizer import train_bpe_tokenizer
+    from finetune.data.tokenizer import train_bpe_tokenizer
 
     texts = texts or [f"What is {a} + {b}? {a} + {b} = {a + b}" for a in range(20) for b in range(20)]
     tok = train_bpe_tokenizer(texts, vocab_size=320, chat_template="chatml")

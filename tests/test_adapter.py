@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import finetune.model as model_mod
-from finetune import checkpoint
+import finetune.models.loading as model_mod
+from finetune.data.tokenizer import train_bpe_tokenizer
 from finetune.errors import RecipeError
-from finetune.launch import run_recipe
-from finetune.recipe import recipe_from_dict
-from finetune.tokenizer import train_bpe_tokenizer
+from finetune.recipe.schema import recipe_from_dict
+from finetune.run.launch import run_recipe
+from finetune.train import checkpoint
 from tests.conftest import TINY_LLAMA, tiny_pretrain_recipe, write
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",

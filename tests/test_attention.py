@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from finetune.attention import (
+from finetune.train.attention import (
     ATTENTION_NAME,
     cu_seq_lens_from_position_ids,
     enable_packed_attention,
     packed_attention_forward,
 )
-from finetune.collate import collate_flat, collate_padded
-from finetune.losses import token_ce_sum
+from finetune.train.collate import collate_flat, collate_padded
+from finetune.train.losses import token_ce_sum
 
 KINDS = ["llama", "qwen2"]
 ATOL = 1e-4
@@ -170,7 +170,7 @@ def test_attention_function_matches_per_sample_sdpa(causal):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (PyTorch FlashAttention varlen)")
 def test_flash_varlen_matches_fallback_on_gpu():
-    from finetune.attention import _can_use_flash, _masked_sdpa
+    from finetune.train.attention import _can_use_flash, _masked_sdpa
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, h, 300, 64, generator=gen, device="cuda", dtype=torch.bfloat16)

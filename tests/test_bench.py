@@ -1,4 +1,4 @@
-"""CPU smoke test of the benchmark harness (finetune.bench) on a tiny shape, and its arithmetic."""
+"""CPU smoke test of the benchmark harness (finetune.train.bench) on a tiny shape, and its arithmetic."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from finetune import bench
+from finetune.train import bench
 
 TINY = bench.Options(steps=2, warmup=1, batch_size=4, min_length=8, max_length=32)
 

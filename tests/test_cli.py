@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from finetune.cli import main
+from finetune.cli.main import main
 from tests.conftest import ROOT, tiny_pretrain_recipe, write
 
 

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune.collate import collate_flat, collate_padded, pack_bins, packing_efficiency
-from finetune.losses import count_trained_tokens
+from finetune.train.collate import collate_flat, collate_padded, pack_bins, packing_efficiency
+from finetune.train.losses import count_trained_tokens
 
 SAMPLES = [
     {"input_ids": [11, 12, 13], "labels": [11, 12, 13]},

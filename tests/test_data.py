@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from finetune.data import mix_sources, read_source, read_texts, split_holdout
+from finetune.data.sources import mix_sources, read_source, read_texts, split_holdout
 from finetune.errors import DataError
-from finetune.recipe import DataSource
+from finetune.recipe.schema import DataSource
 from tests.conftest import write
 
 
@@ -70,8 +70,8 @@ def test_holdout_is_seeded_and_disjoint():
 
 
 def test_tokenized_cache_returns_identical_samples_and_invalidates(tmp_path, monkeypatch):
-    from finetune.data import cache_dir, encode_conversations_cached
-    from finetune.formats import Conversation
+    from finetune.data.formats import Conversation
+    from finetune.data.sources import cache_dir, encode_conversations_cached
     from tests.conftest import save_tiny_chat_model
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))

@@ -11,11 +11,11 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from finetune import checkpoint, engine
-from finetune.collate import collate_padded
 from finetune.errors import RecipeError
-from finetune.launch import run_recipe
-from finetune.recipe import recipe_from_dict
+from finetune.recipe.schema import recipe_from_dict
+from finetune.run.launch import run_recipe
+from finetune.train import checkpoint, engine
+from finetune.train.collate import collate_padded
 from tests.conftest import TINY_LLAMA, tiny_pretrain_recipe
 
 
@@ -62,7 +62,7 @@ def test_mean_of_micro_means_would_differ():
     """Negative control: the naive normalisation gives different gradients on these samples."""
     model = tiny_model()
     samples = samples_of_different_lengths()
-    from finetune.losses import count_trained_tokens, token_ce_sum
+    from finetune.train.losses import count_trained_tokens, token_ce_sum
 
     for s in samples:
         b = collate_padded([s], pad_id=0)
@@ -160,7 +160,7 @@ def test_refuses_checkpoints_of_a_different_run(in_tmp):
     (out / "checkpoints" / "step-2" / "manifest.json").write_text('{"step": 2, "files": {}}')
     other = recipe_from_dict(data)
     other.optim.lr = 0.5
-    from finetune.recipe import write_recipe
+    from finetune.recipe.schema import write_recipe
 
     write_recipe(other, out / "recipe.yaml")
     with pytest.raises(RecipeError, match=r"different run \(differs in optim.lr\)"):
@@ -204,7 +204,7 @@ def test_engine_options_run_and_learn(in_tmp, section, key, value):
 @pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine"])
 def test_warmup_applies_to_every_scheduler(scheduler):
     # transformers' "constant" ignores num_warmup_steps; a recipe asking for warmup gets one.
-    from finetune.engine import build_scheduler
+    from finetune.train.engine import build_scheduler
 
     recipe = recipe_from_dict({"model": {"name": "m"}, "data": {"train": [{"path": "x.jsonl"}]},
                                "trainer": {"type": "sft"},

@@ -12,13 +12,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune import eval_cli, inference
-from finetune.eval_cli import add_eval_arguments, cmd_eval, eval_perplexity, pass_at_k, pass_metrics, reward_metrics
-from finetune.formats import Conversation
-from finetune.inference import Completion, Settings, generate, load_for_inference
-from finetune.recipe import RewardCfg
-from finetune.rewards import build_rewards
-from finetune.tokenizer import encode_text
+from finetune.data.formats import Conversation
+from finetune.data.tokenizer import encode_text
+from finetune.infer import eval_cli, inference
+from finetune.infer.eval_cli import (
+    add_eval_arguments,
+    cmd_eval,
+    eval_perplexity,
+    pass_at_k,
+    pass_metrics,
+    reward_metrics,
+)
+from finetune.infer.inference import Completion, Settings, generate, load_for_inference
+from finetune.recipe.schema import RewardCfg
+from finetune.rl.rewards import build_rewards
 from tests.conftest import save_tiny_chat_model, write
 
 QUESTIONS = ["What is 2 + 3?", "What is 7 + 5?", "What is 9 - 4?", "What is 1 + 1?"]
@@ -166,7 +173,7 @@ def test_reward_function_mean(run_dir, lm, tmp_path, capsys):
 def test_reward_model_mean(run_dir, lm, tmp_path, capsys):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from finetune.reward_model import RewardModelScorer
+    from finetune.models.reward_model import RewardModelScorer
 
     config = AutoConfig.from_pretrained(run_dir / "final", num_labels=1)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""finetune.fastpath on the CPU: the fused loss through the model's forward equals the plain path
+"""finetune.train.fastpath on the CPU: the fused loss through the model's forward equals the plain path
 (values and gradients, masks respected, LoRA, padded and flat batches), the head tap is invisible
 outside the loss, compiled layers change nothing, and sync-free batches count what the engine counts."""
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from finetune import engine, fastpath
-from finetune.attention import enable_packed_attention
-from finetune.collate import collate_flat, collate_padded
 from finetune.errors import RecipeError
-from finetune.losses import count_trained_tokens
-from finetune.recipe import recipe_from_dict
+from finetune.recipe.schema import recipe_from_dict
+from finetune.train import engine, fastpath
+from finetune.train.attention import enable_packed_attention
+from finetune.train.collate import collate_flat, collate_padded
+from finetune.train.losses import count_trained_tokens
 from tests.conftest import TINY_LLAMA
 
 
@@ -89,7 +89,7 @@ def test_fused_loss_with_lora_trains_only_the_adapter():
         "model": {"init_config": dict(TINY_LLAMA)}, "data": {"train": [{"path": "x"}]},
         "adapter": {"type": "lora", "r": 4, "alpha": 8}, "trainer": {"type": "sft"}, "run": {"output_dir": "x"},
     })
-    from finetune.model import add_adapter
+    from finetune.models.loading import add_adapter
 
     model = add_adapter(tiny_model(), recipe)
     enable_packed_attention(model)

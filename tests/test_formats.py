@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.data import Row
+from finetune.data.formats import FORMAT_COLUMNS, Conversation, PreferencePair, to_conversation, to_preference
+from finetune.data.sources import Row
 from finetune.errors import DataError
-from finetune.formats import FORMAT_COLUMNS, Conversation, PreferencePair, to_conversation, to_preference
-from finetune.recipe import DATA_FORMATS, DataSource
+from finetune.recipe.schema import DATA_FORMATS, DataSource
 
 ORIGIN = "data/x.jsonl:12"
 U, A = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}

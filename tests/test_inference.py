@@ -1,4 +1,4 @@
-"""finetune.inference / generate_cli: KV cache, batching, adapters unmerged == merged, chat REPL, bad input."""
+"""finetune.infer.inference / generate_cli: KV cache, batching, adapters unmerged == merged, chat REPL, bad input."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import inference
 from finetune.errors import UserError
-from finetune.generate_cli import add_chat_arguments, add_generate_arguments, cmd_chat, cmd_generate
-from finetune.inference import Settings, StreamPrinter, generate, load_for_inference, resolve_model_ref
-from finetune.merge import merge_adapter
+from finetune.infer import inference
+from finetune.infer.generate_cli import add_chat_arguments, add_generate_arguments, cmd_chat, cmd_generate
+from finetune.infer.inference import Settings, StreamPrinter, generate, load_for_inference, resolve_model_ref
+from finetune.models.merge import merge_adapter
 from tests.conftest import save_tiny_chat_model, write
 from tests.test_adapter import make_base
 from tests.test_merge import perturbed_adapter

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.cli import main
-from finetune.launch import run_recipe
-from finetune.recipe import recipe_from_dict
+from finetune.cli.main import main
+from finetune.recipe.schema import recipe_from_dict
+from finetune.run.launch import run_recipe
 from tests.conftest import save_tiny_chat_model, tiny_sft_recipe, write
 
 

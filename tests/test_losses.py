@@ -1,4 +1,4 @@
-"""Hand-computed checks of finetune.losses, and chunked CE against the plain path."""
+"""Hand-computed checks of finetune.train.losses, and chunked CE against the plain path."""
 
 import math
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import (
+from finetune.train.losses import (
     chunked_linear_ce_sum,
     count_trained_tokens,
     gather_logprobs,

@@ -13,11 +13,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune import merge
-from finetune.launch import run_recipe
-from finetune.merge import MergeError, MergeVerificationError, add_merge_arguments, cmd_merge, merge_adapter
-from finetune.recipe import recipe_from_dict
-from finetune.tokenizer import resolve_chat_template
+from finetune.data.tokenizer import resolve_chat_template
+from finetune.models import merge
+from finetune.models.merge import MergeError, MergeVerificationError, add_merge_arguments, cmd_merge, merge_adapter
+from finetune.recipe.schema import recipe_from_dict
+from finetune.run.launch import run_recipe
 from tests.test_adapter import lora_recipe, make_base
 
 IDS = torch.tensor([[1, 5, 60, 61, 62, 63, 7, 30, 2]])
@@ -141,7 +141,7 @@ def test_tied_embeddings_and_modules_to_save(tmp_path, tied, extra):
 
 @pytest.mark.parametrize("quantize, tied", [(None, True), ("4bit", False)])
 def test_merge_a_trained_run_with_added_tokens(in_tmp, quantize, tied):
-    from finetune.model import check_quantization_supported
+    from finetune.models.loading import check_quantization_supported
 
     base, tok = make_base(in_tmp, tied=tied)
     recipe = recipe_from_dict(lora_recipe(in_tmp, base, tok, model={"quantize": quantize}, max_steps=3))

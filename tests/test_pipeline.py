@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.errors import RecipeError
-from finetune.pipeline import load_pipeline, run_pipeline
+from finetune.run.pipeline import load_pipeline, run_pipeline
 from tests.conftest import tiny_pretrain_recipe, write
 
 

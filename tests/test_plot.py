@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from finetune.errors import UserError
-from finetune.plot import add_plot_arguments, build_figure, choose_metrics, cmd_plot, read_metrics, unique_names
+from finetune.infer.plot import add_plot_arguments, build_figure, choose_metrics, cmd_plot, read_metrics, unique_names
 from tests.conftest import write
 
 

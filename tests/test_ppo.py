@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM
 
 import finetune.trainers.ppo as ppo_module
-from finetune.engine import release_accelerator
 from finetune.errors import DataError, RecipeError
-from finetune.launch import run_recipe
-from finetune.losses import gather_logprobs
-from finetune.ppo_models import ActorCritic, SeparateCritic, adapter_critic, disable_dropout, generate, model_inputs
-from finetune.ppo_models import new_value_head as value_head
-from finetune.recipe import PPOCfg, SamplingCfg, recipe_from_dict
+from finetune.recipe.schema import PPOCfg, SamplingCfg, recipe_from_dict
+from finetune.rl.ppo_models import ActorCritic, SeparateCritic, adapter_critic, disable_dropout, generate, model_inputs
+from finetune.rl.ppo_models import new_value_head as value_head
+from finetune.run.launch import run_recipe
+from finetune.train.engine import release_accelerator
+from finetune.train.losses import gather_logprobs
 from finetune.trainers.ppo import PPO
 from tests.conftest import ROOT, save_tiny_chat_model, write
 
@@ -202,7 +202,7 @@ def test_gradient_checkpointing_recomputes_each_layer_under_its_own_adapter(monk
     for k in plain:
         torch.testing.assert_close(checkpointed[k], plain[k], atol=1e-5, rtol=1e-5)
     # Without it, the critic's layers are recomputed under the policy's adapter during backward.
-    monkeypatch.setattr("finetune.ppo_models.recompute_under_forward_adapter", lambda policy: None)
+    monkeypatch.setattr("finetune.rl.ppo_models.recompute_under_forward_adapter", lambda policy: None)
     wrong = adapter_actor_critic_grads(True)
     assert any(not torch.allclose(wrong[k], plain[k], atol=1e-3) for k in plain if ".critic." in k)
 
@@ -335,7 +335,7 @@ def test_prompt_longer_than_the_room_left_for_generation(in_tmp, chat_model):
 def test_critic_from_a_reward_model_with_another_tokenizer(in_tmp, chat_model):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from finetune.tokenizer import train_bpe_tokenizer
+    from finetune.data.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([f"other words {i}" for i in range(50)], vocab_size=300, chat_template="chatml")
     assert tok.chat_template == AutoTokenizer.from_pretrained(chat_model).chat_template

@@ -1,4 +1,4 @@
-"""PPO maths in finetune.losses, against plain loops and hand-computed values."""
+"""PPO maths in finetune.train.losses, against plain loops and hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from finetune.losses import (
+from finetune.train.losses import (
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,

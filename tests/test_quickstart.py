@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from finetune.launch import run_recipe
-from finetune.pipeline import run_pipeline
-from finetune.recipe import load_recipe
+from finetune.recipe.schema import load_recipe
+from finetune.run.launch import run_recipe
+from finetune.run.pipeline import run_pipeline
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -88,8 +88,8 @@ def test_ppo_raises_the_reward_with_kl_bounded(story):
 
 
 def test_lora_sft_learns_and_its_merge_answers_the_same(story, tmp_path):
-    from finetune.merge import merge_adapter
-    from finetune.pipeline import evaluate_stage, load_pipeline
+    from finetune.models.merge import merge_adapter
+    from finetune.run.pipeline import evaluate_stage, load_pipeline
 
     root, _ = story
     out = tmp_path / "lora"

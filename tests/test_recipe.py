@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from finetune.errors import RecipeError
-from finetune.recipe import (
+from finetune.recipe.schema import (
     check_recipe,
     dump_recipe,
     load_recipe,
@@ -170,7 +170,7 @@ def test_from_scratch_needs_a_tokenizer(in_tmp):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path, monkeypatch):
-    from finetune.pipeline import is_pipeline, load_pipeline
+    from finetune.run.pipeline import is_pipeline, load_pipeline
 
     monkeypatch.chdir(ROOT)
     if is_pipeline(path):  # every stage's recipe and reference is checked
@@ -186,7 +186,7 @@ def test_every_shipped_recipe_validates(path, monkeypatch):
 
 
 def test_validate_does_not_import_torch():
-    code = ("import sys; from finetune.cli import main; rc = main(['validate', 'recipes/quickstart.yaml']); "
+    code = ("import sys; from finetune.cli.main import main; rc = main(['validate', 'recipes/quickstart.yaml']); "
             "assert 'torch' not in sys.modules, 'validate imported torch'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

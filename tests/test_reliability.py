@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from finetune import checkpoint, engine
 from finetune.errors import DataError, RecipeError, UserError
-from finetune.guards import PREEMPTED_EXIT, StopSignal, TrainingStopped
-from finetune.launch import run_recipe
-from finetune.recipe import load_recipe, recipe_from_dict
+from finetune.recipe.schema import load_recipe, recipe_from_dict
+from finetune.run.launch import run_recipe
+from finetune.train import checkpoint, engine
+from finetune.train.guards import PREEMPTED_EXIT, StopSignal, TrainingStopped
 from tests.conftest import save_tiny_chat_model, tiny_pretrain_recipe, tiny_sft_recipe, write
 
 
@@ -205,7 +205,7 @@ def test_overrides_never_crash(tmp_path, overrides):
 @settings(max_examples=100, deadline=None)
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=8))
 def test_flat_collation_loses_no_token_and_keeps_boundaries(lengths):
-    from finetune.collate import collate_flat
+    from finetune.train.collate import collate_flat
 
     samples, next_id = [], 1
     for n in lengths:

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from finetune.errors import DataError, RecipeError
-from finetune.launch import run_recipe
-from finetune.recipe import recipe_from_dict
-from finetune.reward_model import (
+from finetune.models.reward_model import (
     RewardModelScorer,
     bradley_terry_loss,
     check_reward_model_dir,
@@ -21,6 +19,8 @@ from finetune.reward_model import (
     last_token_rewards,
     pad_right,
 )
+from finetune.recipe.schema import recipe_from_dict
+from finetune.run.launch import run_recipe
 from tests.conftest import write
 from tests.tiny_cache import shared_tiny_model
 
@@ -187,7 +187,7 @@ def test_reward_trainer_learns_a_preference_and_saves_a_loadable_model(in_tmp, t
 
 
 def test_lora_reward_model_trains_its_head_and_loads_back(in_tmp, tiny_model_dir):
-    from finetune.model import load_trained_reward_model
+    from finetune.models.loading import load_trained_reward_model
 
     recipe = reward_recipe(in_tmp, tiny_model_dir, adapter={"r": 4, "alpha": 8})
     recipe["optim"]["lr"] = 2e-2
@@ -221,8 +221,8 @@ def test_a_new_head_is_drawn_at_the_reference_scale_and_a_trained_one_is_kept(in
                                                                               reward_model_dir):
     from safetensors.torch import load_file
 
-    from finetune.model import load_reward_model
-    from finetune.reward_model import score_head
+    from finetune.models.loading import load_reward_model
+    from finetune.models.reward_model import score_head
 
     torch.manual_seed(0)
     model, _ = load_reward_model(recipe_from_dict(reward_recipe(in_tmp, tiny_model_dir)))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from finetune.data.formats import Conversation
 from finetune.errors import DataError, RecipeError
-from finetune.formats import Conversation
-from finetune.recipe import RewardCfg, recipe_from_dict
-from finetune.rewards import build_rewards, last_number, parse_number
+from finetune.recipe.schema import RewardCfg, recipe_from_dict
+from finetune.rl.rewards import build_rewards, last_number, parse_number
 from tests.conftest import write
 
 PROMPT = [{"role": "user", "content": "What is 7 + 5?"}]
@@ -128,9 +128,9 @@ def test_rows_without_the_column_a_verifier_reads_are_named():
 
 
 def test_a_function_reward_row_missing_a_column_the_others_have_is_named():
-    rewards = build_rewards([RewardCfg(type="function", function="finetune.synth_rs:fact_reward")])
+    rewards = build_rewards([RewardCfg(type="function", function="finetune.demo.synth_rs:fact_reward")])
     rows = [Conversation(PROMPT, f"p.jsonl:{i}", extra={"answer": "12"}) for i in (1, 2)]
     rewards.check_rows(rows, "data.train")
-    with pytest.raises(DataError, match=r"p.jsonl:3: trainer.rewards.0 \(function:finetune.synth_rs:fact_reward\) "
+    with pytest.raises(DataError, match=r"p.jsonl:3: trainer.rewards.0 \(function:finetune.demo.synth_rs:fact_reward\) "
                                         r"is called with column 'answer', which this data.train row lacks"):
         rewards.check_rows([*rows, Conversation(PROMPT, "p.jsonl:3", extra={})], "data.train")

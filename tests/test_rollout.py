@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune import rollout
-from finetune.evaluate import greedy_completions
-from finetune.recipe import SamplingCfg
-from finetune.rollout import collate_rollouts, completion_logprobs, sample_completions
-from finetune.tokenizer import stop_token_ids
+from finetune.data.tokenizer import stop_token_ids
+from finetune.recipe.schema import SamplingCfg
+from finetune.rl import rollout
+from finetune.rl.evaluate import greedy_completions
+from finetune.rl.rollout import collate_rollouts, completion_logprobs, sample_completions
 from tests.tiny_cache import shared_tiny_model
 
 PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}],

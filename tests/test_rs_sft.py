@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from finetune.errors import DataError, RecipeError
-from finetune.launch import run_recipe
-from finetune.recipe import recipe_from_dict
-from finetune.selection import ScoredSample, SelectionRule, distinct_n, preference_pairs, round_stats, select_samples
+from finetune.recipe.schema import recipe_from_dict
+from finetune.rl.selection import ScoredSample, SelectionRule, distinct_n, preference_pairs, round_stats, select_samples
+from finetune.run.launch import run_recipe
 from finetune.trainers.rs_sft import RoundRunner, round_recipe
 from tests.conftest import write
 from tests.tiny_cache import shared_tiny_model
@@ -85,7 +85,7 @@ def test_round_stats_and_distinct_n_by_hand():
 
 # ---------------------------------------------------------------- the trainer on a tiny model
 
-STOPS = "finetune.rollout.stop_token_ids"
+STOPS = "finetune.rl.rollout.stop_token_ids"
 
 
 def reward_length(prompts, completions, **columns):
@@ -240,7 +240,7 @@ def test_rs_sft_needs_prompts_and_the_verifiers_columns(in_tmp, tiny_model_dir):
 
 
 def test_demo_data_is_reproduced_and_keeps_the_quickstart_split(tmp_path):
-    from finetune import synth_rs
+    from finetune.demo import synth_rs
     from tests.conftest import ROOT
 
     files = synth_rs.generate(tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from finetune import synth
+from finetune.demo import synth
 from tests.conftest import ROOT
 
 

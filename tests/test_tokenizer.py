@@ -1,4 +1,4 @@
-"""Tests for finetune.tokenizer: template choice, pad policy, and above all the loss masks.
+"""Tests for finetune.data.tokenizer: template choice, pad policy, and above all the loss masks.
 
 Masks are checked against the `{% generation %}` twins that trl ships for real model templates
 (same rendering, independent mask machinery), on tokenizers trained here in milliseconds.
@@ -16,8 +16,7 @@ import trl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune.errors import DataError, TemplateError
-from finetune.tokenizer import (
+from finetune.data.tokenizer import (
     IGNORE_INDEX,
     apply_chat_template_choice,
     check_generation_prompt,
@@ -28,6 +27,7 @@ from finetune.tokenizer import (
     stop_token_ids,
     train_bpe_tokenizer,
 )
+from finetune.errors import DataError, TemplateError
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 CORPUS = [

@@ -36,10 +36,13 @@ from pathlib import Path
 
 import torch
 
-from finetune import checkpoint, engine
 from finetune.errors import RecipeError
-from finetune.guards import NumericGuard, Preempted, StopSignal
-from finetune.losses import (
+from finetune.recipe.schema import PPOCfg, Recipe, SamplingCfg, write_recipe
+from finetune.rl.ppo_models import ActorCritic, Generated, adapters_disabled, generate, model_inputs, response_logits
+from finetune.rl.ppo_setup import ChatScorer, Layout, Prepared, evaluate, plan, prepare, write_samples
+from finetune.train import checkpoint, engine
+from finetune.train.guards import NumericGuard, Preempted, StopSignal
+from finetune.train.losses import (
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
@@ -51,10 +54,7 @@ from finetune.losses import (
     masked_whiten,
     per_token_rewards,
 )
-from finetune.metrics import MetricsLogger, info
-from finetune.ppo_models import ActorCritic, Generated, adapters_disabled, generate, model_inputs, response_logits
-from finetune.ppo_setup import ChatScorer, Layout, Prepared, evaluate, plan, prepare, write_samples
-from finetune.recipe import PPOCfg, Recipe, SamplingCfg, write_recipe
+from finetune.train.metrics import MetricsLogger, info
 
 # (prompt ids, response ids with the stop token) per sequence -> one score per sequence
 ScoreFn = Callable[[list[list[int]], list[list[int]]], Sequence[float]]
@@ -340,7 +340,7 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
 
 def _build(recipe: Recipe, p: Prepared, accelerator) -> tuple[PPO, engine.MicroBatchStream, int]:
     """Models, optimizer, schedule and the prompt stream (each process takes its slice of every update)."""
-    from finetune.ppo_models import build_models
+    from finetune.rl.ppo_models import build_models
 
     run, cfg, world = recipe.run, recipe.trainer.ppo, accelerator.num_processes
     models = build_models(recipe, p.tokenizer)

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from finetune import engine
-from finetune.collate import collate_padded
-from finetune.data import read_texts, split_holdout
+from finetune.data.sources import read_texts, split_holdout
+from finetune.data.tokenizer import encode_text
+from finetune.data.tokenizer_setup import load_tokenizer
 from finetune.errors import DataError
-from finetune.metrics import info
-from finetune.plan import Plan
-from finetune.recipe import Recipe
-from finetune.tokenizer import encode_text
-from finetune.tokenizer_setup import load_tokenizer
+from finetune.recipe.schema import Recipe
+from finetune.train import engine
+from finetune.train.collate import collate_padded
+from finetune.train.metrics import info
+from finetune.train.plan import Plan
 
 
 @dataclass
@@ -73,7 +73,7 @@ def make_blocks(tokenizer, texts: list[str], length: int) -> tuple[list[dict], i
 
 
 def plan(recipe: Recipe, prepared: Prepared | None = None, info_=None) -> Plan:
-    from finetune.model import count_params_meta
+    from finetune.models.loading import count_params_meta
 
     prepared = prepared or prepare(recipe)
     if info_ is None:
@@ -89,7 +89,7 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, info_=None) -> Plan:
 
 
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
-    from finetune.model import load_model
+    from finetune.models.loading import load_model
 
     prepared = prepare(recipe, resume_from)
     model, model_info = load_model(recipe, prepared.tokenizer)

@@ -2,7 +2,7 @@
 
 Algorithm: every `preference` row (prompt, chosen, rejected: strings or message lists) becomes
 two conversations, prompt + chosen and prompt + rejected, rendered with the chat template exactly
-as the scorer will render sampled completions later (finetune.reward_model.encode_for_reward).
+as the scorer will render sampled completions later (finetune.models.reward_model.encode_for_reward).
 A causal LM gets a one-output scalar head (transformers' *ForSequenceClassification with one
 label; full weights or LoRA) and the reward r(x, y) is the head's output at the last real token,
 located from the attention mask. The loss of a pair is -log sigmoid(r_c - r_r - margin)
@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from finetune import engine
-from finetune.data import mix_sources, split_holdout
+from finetune.data.formats import to_preference
+from finetune.data.sources import mix_sources, split_holdout
+from finetune.data.tokenizer_setup import load_tokenizer
 from finetune.errors import DataError
-from finetune.formats import to_preference
-from finetune.metrics import info
-from finetune.plan import Plan
-from finetune.recipe import Recipe
-from finetune.reward_model import bradley_terry_loss, encode_for_reward, last_token_rewards, pad_right
-from finetune.tokenizer_setup import load_tokenizer
+from finetune.models.reward_model import bradley_terry_loss, encode_for_reward, last_token_rewards, pad_right
+from finetune.recipe.schema import Recipe
+from finetune.train import engine
+from finetune.train.metrics import info
+from finetune.train.plan import Plan
 
 
 @dataclass
@@ -156,7 +156,7 @@ def accuracy_metric(units: list[dict], pad_id: int, batch_size: int):
 
 
 def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> Plan:
-    from finetune.model import count_params_meta
+    from finetune.models.loading import count_params_meta
 
     prepared = prepared or prepare(recipe)
     if model_info is None:
@@ -170,7 +170,7 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
 
 
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
-    from finetune.model import load_reward_model
+    from finetune.models.loading import load_reward_model
 
     prepared = prepare(recipe, resume_from)
     model, model_info = load_reward_model(recipe, prepared.tokenizer)

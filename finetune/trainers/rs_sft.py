@@ -2,10 +2,10 @@
 
 Algorithm (Llama 2's rejection-sampling stage, RAFT, ReST-EM), per round r = 1..R:
   1. sample trainer.sampling.n completions of every training prompt from the current policy
-     (round r-1's model; model.name in round 1) — finetune.rollout;
+     (round r-1's model; model.name in round 1) — finetune.rl.rollout;
   2. score them with trainer.rewards (verifiers, a user function, a reward model);
   3. keep by rejection.select (best_of_n, top_k, threshold, all_correct), never a truncated
-     sample, with dedupe — finetune.selection; rounds/round-r/samples.jsonl lists every sample with
+     sample, with dedupe — finetune.rl.selection; rounds/round-r/samples.jsonl lists every sample with
      its reward, kept flag and reason (pairs.jsonl: best-vs-worst pairs for a reward model);
   4. SFT on the shared engine into rounds/round-r/ on the kept samples of all rounds so far
      (keep: accumulate; Llama 2 regressed training on the last round only) or of this round
@@ -31,18 +31,18 @@ from pathlib import Path
 
 import torch
 
-from finetune import checkpoint, engine
-from finetune.data import encode_conversations, mix_sources, split_holdout
+from finetune.data.formats import to_conversation
+from finetune.data.sources import encode_conversations, mix_sources, split_holdout
+from finetune.data.tokenizer_setup import load_tokenizer
 from finetune.errors import DataError, RecipeError
-from finetune.formats import to_conversation
-from finetune.metrics import MetricsLogger, info
-from finetune.plan import Plan
-from finetune.recipe import DataSource, Recipe
-from finetune.rewards import Rewards, build_rewards
-from finetune.rollout import encode_prompt, sample_completions
-from finetune.rounds import publish, read_jsonl, round_dir, start_run_dir, write_jsonl
-from finetune.selection import ScoredSample, SelectionRule, dedupe_key, preference_pairs, round_stats, select_samples
-from finetune.tokenizer_setup import load_tokenizer
+from finetune.recipe.schema import DataSource, Recipe
+from finetune.rl.rewards import Rewards, build_rewards
+from finetune.rl.rollout import encode_prompt, sample_completions
+from finetune.rl.rounds import publish, read_jsonl, round_dir, start_run_dir, write_jsonl
+from finetune.rl.selection import ScoredSample, SelectionRule, dedupe_key, preference_pairs, round_stats, select_samples
+from finetune.train import checkpoint, engine
+from finetune.train.metrics import MetricsLogger, info
+from finetune.train.plan import Plan
 
 
 @dataclass
@@ -90,7 +90,7 @@ def prepare(recipe: Recipe, resume_from: Path | None = None) -> Prepared:
 
 
 def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> Plan:
-    from finetune.model import count_params_meta
+    from finetune.models.loading import count_params_meta
 
     prepared = prepared or prepare(recipe)
     total, trainable = count_params_meta(recipe, prepared.tokenizer)
@@ -145,7 +145,7 @@ def load_policy(recipe: Recipe, tokenizer, weights: Path | None):
     """model.name (weights None) or a round's final/: a full model, or base + that round's adapter."""
     from accelerate import PartialState
 
-    from finetune.model import load_model
+    from finetune.models.loading import load_model
 
     source = recipe
     if recipe.adapter is None and weights is not None:
@@ -313,7 +313,7 @@ class RoundRunner:
     # ------------------------------------------------------------ SFT and eval
 
     def sft(self, r: int, prev: Path | None, samples: list[ScoredSample]) -> Path:
-        from finetune.attention import enable_packed_attention
+        from finetune.train.attention import enable_packed_attention
         from finetune.trainers.sft import make_collate
 
         rdir = round_dir(self.out, r)

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from finetune import engine
-from finetune.collate import collate_flat, collate_padded, pack_bins, packing_efficiency
-from finetune.data import BadRows, EncodeStats, encode_conversations_cached, mix_sources, split_holdout
-from finetune.evaluate import exact_match
-from finetune.formats import to_conversation
-from finetune.metrics import info
-from finetune.plan import Plan
-from finetune.recipe import Recipe
-from finetune.tokenizer_setup import load_tokenizer
+from finetune.data.formats import to_conversation
+from finetune.data.sources import BadRows, EncodeStats, encode_conversations_cached, mix_sources, split_holdout
+from finetune.data.tokenizer_setup import load_tokenizer
+from finetune.recipe.schema import Recipe
+from finetune.rl.evaluate import exact_match
+from finetune.train import engine
+from finetune.train.collate import collate_flat, collate_padded, pack_bins, packing_efficiency
+from finetune.train.metrics import info
+from finetune.train.plan import Plan
 
 
 @dataclass
@@ -92,7 +92,7 @@ def make_collate(recipe: Recipe, pad_id: int):
 
 
 def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> Plan:
-    from finetune.model import count_params_meta
+    from finetune.models.loading import count_params_meta
 
     prepared = prepared or prepare(recipe)
     if model_info is None:
@@ -123,9 +123,9 @@ def exact_match_metric(recipe: Recipe, tokenizer, conversations: list):
 
 
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
-    from finetune import fastpath
-    from finetune.attention import enable_packed_attention
-    from finetune.model import load_model
+    from finetune.models.loading import load_model
+    from finetune.train import fastpath
+    from finetune.train.attention import enable_packed_attention
 
     prepared = prepare(recipe, resume_from)
     model, model_info = load_model(recipe, prepared.tokenizer)

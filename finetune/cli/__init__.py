@@ -1,0 +1,1 @@
+"""Command-line interface: argument parsing and dispatch only (entry point: finetune.cli.main:main)."""

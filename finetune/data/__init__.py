@@ -1,0 +1,1 @@
+"""The data's first stages: sources (local, Hub) -> row formats -> chat template + masks -> tokens."""

@@ -1,0 +1,303 @@
+"""Data: read rows from local files or the Hub, check them against the declared format.
+
+A source is a local file, directory or glob (jsonl, json, parquet, csv, txt) or a Hub dataset id
+(loaded through `datasets`, with subset/split/revision). Every row keeps its origin
+("file:line" or "dataset[split]:row") so an error deep in a dataset names the exact row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from finetune.errors import DataError, TemplateError
+from finetune.recipe.schema import DataSource
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+
+
+@dataclass
+class Row:
+    data: dict
+    origin: str  # "data/x.jsonl:12" — for error messages
+
+
+def source_files(src: DataSource, key: str) -> list[Path] | None:
+    """The local files of a source, or None when it is a Hub dataset id."""
+    p = Path(src.path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file())
+        if not files:
+            raise DataError(f"{key}: directory {p} holds no {'/'.join(SUFFIXES)} files")
+        return files
+    if any(ch in src.path for ch in "*?["):
+        files = sorted(f for f in Path().glob(src.path) if f.is_file())
+        if not files:
+            raise DataError(f"{key}: no files match {src.path!r}")
+        return files
+    return None
+
+
+def read_source(src: DataSource, key: str, seed: int = 0) -> list[Row]:
+    """All rows of one source (after max_samples), in file order."""
+    files = source_files(src, key)
+    rows: list[Row] = []
+    if files is None:
+        rows = _read_hub(src, key)
+    else:
+        for f in files:
+            rows.extend(_read_file(f, src.format))
+    if not rows:
+        raise DataError(f"{key}: {src.path} holds no rows")
+    if src.max_samples and len(rows) > src.max_samples:
+        rows = random.Random(seed).sample(rows, src.max_samples)
+    return rows
+
+
+def _read_file(path: Path, fmt: str) -> list[Row]:
+    suffix = path.suffix
+    if suffix == ".txt":
+        return _read_txt(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} style
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        return [_as_row(r, f"{path}[{i}]") for i, r in enumerate(data)]
+    if suffix in (".parquet", ".csv"):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many kinds; one line is enough
+            raise DataError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
+        return [Row(dict(r), f"{path}:row {i}") for i, r in enumerate(ds)]
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)})")
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+            rows.append(_as_row(value, f"{path}:{lineno}"))
+    return rows
+
+
+def _read_txt(path: Path) -> list[Row]:
+    """A .txt file is a sequence of documents separated by blank lines."""
+    text = path.read_text(encoding="utf-8")
+    docs = [d.strip("\n") for d in text.split("\n\n")]
+    rows, line = [], 1
+    for doc in docs:
+        if doc.strip():
+            rows.append(Row({"text": doc}, f"{path}:{line}"))
+        line += doc.count("\n") + 2
+    return rows
+
+
+def _as_row(value, origin: str) -> Row:
+    if not isinstance(value, dict):
+        raise DataError(f"{origin}: expected a JSON object per row, got {type(value).__name__}")
+    return Row(value, origin)
+
+
+def _read_hub(src: DataSource, key: str) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.path, src.subset, split=src.split, revision=src.revision)
+    except Exception as e:  # noqa: BLE001 - offline, missing split, auth: all are user-fixable
+        raise DataError(f"{key}: cannot load Hub dataset {src.path!r} (split {src.split!r}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return [Row(dict(r), f"{src.path}[{src.split}]:row {i}") for i, r in enumerate(ds)]
+
+
+def column(row: Row, src: DataSource, name: str):
+    """A row's value for a logical column, honouring the source's column mapping."""
+    actual = src.columns.get(name, name)
+    if actual not in row.data:
+        present = ", ".join(sorted(map(str, row.data))) or "none"
+        raise DataError(f"{row.origin}: missing column {actual!r} for format {src.format!r} "
+                        f"(present: {present}; map it with columns: {{{name}: <column>}})")
+    return row.data[actual]
+
+
+def read_texts(sources: list[DataSource], key: str, seed: int) -> list[tuple[str, str]]:
+    """(text, origin) for every row of `text`-format sources."""
+    out = []
+    for i, src in enumerate(sources):
+        if src.format != "text":
+            raise DataError(f"{key}.{i}.format: this trainer reads format 'text', got {src.format!r}")
+        for row in read_source(src, f"{key}.{i}.path", seed):
+            text = column(row, src, "text")
+            if not isinstance(text, str):
+                raise DataError(f"{row.origin}: column 'text' must be a string, got {type(text).__name__}")
+            if text.strip():
+                out.append((text, row.origin))
+    if not out:
+        raise DataError(f"{key}: the data sources hold no non-empty text")
+    return out
+
+
+def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split; at least one item on each side."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(items) * fraction)), len(items) - 1)
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+class BadRows:
+    """`data.on_bad_row`: a malformed row is fatal (`error`, default) or skipped and counted (`skip`),
+    with the first few reported by origin, until `data.max_bad_rows` is exceeded."""
+
+    def __init__(self, policy: str = "error", limit: int = 0) -> None:
+        self.policy, self.limit, self.count = policy, limit, 0
+
+    def handle(self, error: Exception) -> None:
+        if self.policy == "error":
+            raise error
+        self.count += 1
+        if self.count <= 3:
+            from finetune.train.metrics import info
+
+            info(f"[yellow]skipped bad row:[/] {error}")
+        if self.count > self.limit:
+            raise DataError(f"more than {self.limit} bad rows (data.max_bad_rows); the last: {error}")
+
+
+def mix_sources(sources: list[DataSource], key: str, seed: int, convert, bad: BadRows | None = None) -> list:
+    """Rows of several sources, each converted by `convert(row, src)` and scaled by its weight.
+
+    A weight w makes a source contribute round(w x rows) rows per epoch: whole repeats for the
+    integer part and a seeded sample for the fraction (w=0.5 keeps half, w=2 doubles it).
+    """
+    rng = random.Random(seed)
+    out = []
+    for i, src in enumerate(sources):
+        items = []
+        for row in read_source(src, f"{key}.{i}.path", seed):
+            try:
+                items.append(convert(row, src))
+            except DataError as e:
+                (bad or BadRows()).handle(e)
+        whole, frac = divmod(src.weight, 1.0)
+        out.extend(items * int(whole))
+        out.extend(rng.sample(items, round(frac * len(items))))
+    return out
+
+
+@dataclass
+class EncodeStats:
+    """What encoding did to a data set: reported by the plan and by `finetune data`."""
+
+    rows: int = 0
+    samples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    no_trained: int = 0  # samples left with nothing to train (e.g. truncated before the answer)
+
+    @property
+    def trained_fraction(self) -> float:
+        return self.trained_tokens / max(self.tokens, 1)
+
+    def summary(self) -> str:
+        return (f"{self.samples:,} samples from {self.rows:,} rows, {self.tokens:,} tokens "
+                f"({100 * self.trained_fraction:.1f}% trained), {self.truncated} truncated, "
+                f"{self.dropped} dropped, {self.no_trained} without trained tokens (skipped)")
+
+
+def encode_conversations(tokenizer, conversations: list, train_on: str, max_length: int, overflow: str,
+                         key: str, bad: BadRows | None = None) -> tuple[list[dict], EncodeStats]:
+    """Chat-templated samples with label masks; samples with no trained token are skipped."""
+    from finetune.data.tokenizer import encode_chat
+
+    stats = EncodeStats(rows=len(conversations))
+    samples = []
+    for conv in conversations:
+        try:  # the row's origin names it better than an index into the mixed list
+            enc = encode_chat(tokenizer, conv.messages, train_on=train_on, max_length=max_length,
+                              overflow=overflow, tools=conv.tools)
+        except (DataError, TemplateError) as e:
+            (bad or BadRows()).handle(type(e)(f"{conv.origin}: {e}"))
+            continue
+        if enc is None:
+            stats.dropped += 1
+            continue
+        stats.truncated += bool(enc.get("truncated"))
+        trained = sum(label != -100 for label in enc["labels"][1:])
+        if trained == 0:
+            stats.no_trained += 1
+            continue
+        stats.samples += 1
+        stats.tokens += len(enc["input_ids"])
+        stats.trained_tokens += trained
+        samples.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
+    if not samples:
+        raise DataError(f"{key}: no sample has a trained token left ({stats.summary()}); "
+                        "check tokenizer.max_length and trainer.train_on")
+    return samples, stats
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / "tokenized"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the ids or the template would change."""
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    return h.hexdigest()
+
+
+def encode_conversations_cached(tokenizer, conversations: list, train_on: str, max_length: int, overflow: str,
+                                key: str, bad: BadRows | None = None, use_cache: bool = True):
+    """encode_conversations, cached on disk by a hash of everything that decides the result
+    (the conversations themselves, the tokenizer and template, train_on, max_length, overflow),
+    so a rerun or a resume does not re-render thousands of conversations."""
+    from finetune import __version__
+    if not use_cache or (bad is not None and bad.policy == "skip"):  # skips must be reported again
+        return encode_conversations(tokenizer, conversations, train_on, max_length, overflow, key, bad)
+    h = hashlib.sha256(f"{__version__}|{train_on}|{max_length}|{overflow}|".encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    for conv in conversations:
+        h.update(json.dumps([conv.messages, conv.tools], sort_keys=True, default=str).encode())
+    path = cache_dir() / f"{h.hexdigest()[:32]}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            return cached["samples"], EncodeStats(**cached["stats"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is recomputed
+    samples, stats = encode_conversations(tokenizer, conversations, train_on, max_length, overflow, key, bad)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"samples": samples, "stats": asdict(stats)}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only or full cache only costs time
+    return samples, stats

@@ -1,0 +1,1 @@
+"""The quickstart's synthetic data generators and the task's verifier (not part of the library core)."""

@@ -1,0 +1,164 @@
+"""Reward models: the rendering, the read-out and the loss, shared by training and scoring.
+
+A reward model is a causal LM with a one-output linear head (transformers'
+*ForSequenceClassification, num_labels=1). Its reward for a conversation is the head's output at
+the conversation's last real token:
+
+- `encode_for_reward` renders prompt + response with the chat template and tokenizes it exactly
+  as `encode_chat` does (no added special tokens; the template writes them), keeping the start
+  when it is too long. The reward trainer and the scorer both use it, so a reward model sees the
+  same text at sampling time as in training.
+- `last_token_rewards` reads the head at the last position whose attention mask is 1, for left
+  or right padding alike. transformers' own pooling looks for the last token that is not the pad
+  id, which moves one token back when pad == EOS and a conversation ends in EOS; we take the
+  head's per-token output instead (a forward hook: the call still goes through the wrapped
+  model, so DDP and PEFT behave) and index it ourselves.
+- `bradley_terry_loss`: -log sigmoid(r_chosen - r_rejected - margin) per pair (Bradley & Terry
+  1952; InstructGPT; the margin is Llama 2's), plus center_coef * (r_chosen + r_rejected)^2, which
+  keeps rewards centred on 0 (TRL's center_rewards_coefficient).
+- `RewardModelScorer`: a trained reward model as a reward function for rs_sft and ppo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from finetune.errors import RecipeError
+
+
+def encode_for_reward(tokenizer, messages: list[dict], max_length: int | None = None) -> list[int]:
+    """Token ids of a whole conversation (prompt + response), as encode_chat renders it."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids[:max_length] if max_length else ids
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, row in enumerate(rows):
+        input_ids[k, :len(row)] = torch.tensor(row)
+        mask[k, :len(row)] = 1
+    return input_ids, mask
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(rows,) index of the last 1 of each row: len-1 with right padding, time-1 with left."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The scalar head: transformers names it `score` (under PEFT, the wrapper that trains it)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "score":
+            return module
+    raise ValueError(f"{type(model).__name__} has no `score` head: not a *ForSequenceClassification model")
+
+
+def last_token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(rows,) fp32 rewards read at each row's last real token."""
+    captured: list[torch.Tensor] = []
+    hook = score_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    # Positions count real tokens from 0 whatever the padding side, as generate does.
+    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        hook.remove()
+    per_token = captured[-1][..., 0]  # (rows, time)
+    index = last_token_index(attention_mask).to(per_token.device)
+    return per_token.gather(1, index[:, None]).squeeze(1).float()
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_coef: float = 0.0) -> torch.Tensor:
+    """(pairs,) -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected) ** 2
+    return loss
+
+
+# ---------------------------------------------------------------- scoring with a trained model
+
+
+def check_reward_model_dir(path: str, key: str):
+    """The tokenizer of a reward-model directory, after checking (without weights) that it is one."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    p = Path(path)
+    hint = "a reward model written by trainer.type: reward is <run.output_dir>/final"
+    if not p.is_dir():
+        raise RecipeError(f"{key}: {path!r} is not a directory ({hint})")
+    adapter = p / "adapter_config.json"
+    try:
+        if adapter.is_file():
+            task = json.loads(adapter.read_text()).get("task_type")
+            if task != "SEQ_CLS":
+                raise RecipeError(f"{key}: {path!r} is a {task} adapter, not a reward model ({hint})")
+        else:
+            config = AutoConfig.from_pretrained(p)
+            archs = config.architectures or []
+            if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+                raise RecipeError(f"{key}: {path!r} is not a reward model: its config has architectures "
+                                  f"{archs} and {config.num_labels} labels, not one scalar head ({hint})")
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{key}: cannot read {path!r}: {str(e).strip().splitlines()[0]}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(f"{key}: the reward model {path!r} has no chat template saved with its tokenizer")
+    if not adapter.is_file():
+        rows = config.get_text_config().vocab_size
+        if rows and len(tokenizer) > rows:
+            raise RecipeError(f"{key}: the tokenizer in {path!r} has {len(tokenizer)} tokens but the model's "
+                              f"embeddings have {rows} rows: tokenizer and weights do not belong together")
+    return tokenizer
+
+
+class RewardModelScorer:
+    """A reward function backed by a trained reward model (weights loaded at first use)."""
+
+    def __init__(self, path: str, key: str, max_length: int = 2048, batch_size: int = 64) -> None:
+        self.path, self.key = path, key
+        self.tokenizer = check_reward_model_dir(path, key)
+        self.max_length, self.batch_size = max_length, batch_size
+        self.model = None
+
+    def check_template(self, tokenizer, key: str) -> None:
+        """The reward model was trained on conversations rendered with its template; one rendered
+        differently by the policy's template is a different input distribution."""
+        if tokenizer.chat_template != self.tokenizer.chat_template:
+            raise RecipeError(f"{key}.path: the reward model {self.path!r} was trained with a different chat "
+                              "template than this run's (tokenizer.chat_template); train the reward model "
+                              "from the same base with the same template")
+
+    def _load(self):
+        if self.model is None:
+            from accelerate import PartialState
+
+            from finetune.models.loading import load_trained_reward_model
+
+            self.model = load_trained_reward_model(self.path, PartialState().device)
+        return self.model
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **_columns) -> list[float]:
+        model = self._load()
+        rows = [encode_for_reward(self.tokenizer, p + [{"role": "assistant", "content": c}], self.max_length)
+                for p, c in zip(prompts, completions, strict=True)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        scores: list[float] = []
+        for start in range(0, len(rows), self.batch_size):
+            input_ids, mask = pad_right(rows[start:start + self.batch_size], pad)
+            device = next(model.parameters()).device
+            scores += last_token_rewards(model, input_ids.to(device), mask.to(device)).tolist()
+        return scores

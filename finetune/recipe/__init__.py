@@ -1,0 +1,1 @@
+"""The typed recipe: schema, YAML loading with line numbers, dotted overrides, validation. Imports no torch."""

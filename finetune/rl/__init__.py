@@ -1,0 +1,1 @@
+"""Sampling and scoring: rollouts, rewards and verifiers, selection, rounds, PPO's policy/critic/reference."""

@@ -1,0 +1,114 @@
+"""`finetune data RECIPE`: the pre-flight data audit.
+
+Runs the trainer's data preparation (no model weights), prints a summary (rows, tokens,
+trained-token fraction, truncated/dropped counts, packing efficiency) and renders samples with
+the trained tokens highlighted. `--json` prints one object per sample instead:
+{"input_ids": [...], "labels_mask": [0/1 ...], "tokens": ["..."]} (1 = the token is trained).
+
+It fails (exit 2) when the data would train the wrong thing: a trained assistant turn whose stop
+token is not trained (the model would never learn to stop), samples left with no trained token,
+or a template whose training-time prompt differs from its inference-time generation prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.text import Text
+
+from finetune.data.tokenizer import check_generation_prompt, stop_token_ids
+from finetune.errors import DataError
+from finetune.recipe.schema import Recipe
+from finetune.train.metrics import console
+
+
+def samples_of(units: list) -> list[dict]:
+    """Units are samples, or packed rows (lists of samples)."""
+    return [s for u in units for s in (u if isinstance(u, list) else [u])]
+
+
+def labels_mask(sample: dict) -> list[int]:
+    # The first token of a sample is never a prediction target (the loss shifts by one).
+    return [0] + [int(label != -100) for label in sample["labels"][1:]]
+
+
+def stop_problems(sample: dict, stops: set[int]) -> list[int]:
+    """Token indices ending a trained run on something other than a stop token."""
+    mask, ids = labels_mask(sample), sample["input_ids"]
+    ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+    return [i for i in ends if ids[i] not in stops]
+
+
+def audit(recipe: Recipe, as_json: bool = False, show: int = 3) -> int:
+    from finetune.trainers import get_trainer
+
+    trainer = get_trainer(recipe.trainer.type)
+    prepared = trainer.prepare(recipe)
+    tokenizer = prepared.tokenizer
+    samples = samples_of(prepared.train_units)
+    if as_json:
+        for s in samples[: show if show >= 0 else None]:
+            tokens = [tokenizer.decode([t]) for t in s["input_ids"]]
+            sys.stdout.write(json.dumps({"input_ids": s["input_ids"], "labels_mask": labels_mask(s),
+                                         "tokens": tokens}) + "\n")
+    else:
+        _print_summary(recipe, prepared, samples)
+        for i, s in enumerate(samples[:show]):
+            console.print(f"\n[bold]sample {i}[/] ({len(s['input_ids'])} tokens, "
+                          f"{sum(labels_mask(s))} trained)")
+            console.print(render(tokenizer, s))
+    _check(recipe, prepared, samples)
+    return 0
+
+
+def _print_summary(recipe: Recipe, prepared, samples: list[dict]) -> None:
+    tokens = sum(len(s["input_ids"]) for s in samples)
+    trained = sum(sum(labels_mask(s)) for s in samples)
+    console.print(f"[bold]{recipe.trainer.type}[/] data: {len(samples):,} samples, {tokens:,} tokens, "
+                  f"{100 * trained / max(tokens, 1):.1f}% trained", soft_wrap=True)
+    for note in getattr(prepared, "notes", []):
+        console.print(f"  {note}", soft_wrap=True)
+    if getattr(prepared, "packing_efficiency", None) is not None:
+        console.print(f"  packing efficiency {100 * prepared.packing_efficiency:.1f}%")
+    if console.is_terminal:
+        console.print("  [black on green]trained[/] tokens highlighted; [dim]masked[/] tokens dim")
+    else:
+        console.print("  trained tokens shown ⟦between brackets⟧")
+
+
+def render(tokenizer, sample: dict, brackets: bool | None = None) -> Text:
+    """Trained tokens highlighted; without a terminal (logs, CI) trained runs are bracketed ⟦...⟧."""
+    brackets = not console.is_terminal if brackets is None else brackets
+    text, mask = Text(), labels_mask(sample)
+    for i, (token_id, trained) in enumerate(zip(sample["input_ids"], mask, strict=True)):
+        piece = tokenizer.decode([token_id]).replace("\n", "\u23ce\n")
+        if brackets and trained and (i == 0 or not mask[i - 1]):
+            text.append("⟦")
+        text.append(piece, style="black on green" if trained else "dim")
+        if brackets and trained and (i + 1 == len(mask) or not mask[i + 1]):
+            text.append("⟧")
+    return text
+
+
+def _check(recipe: Recipe, prepared, samples: list[dict]) -> None:
+    if recipe.trainer.type != "sft":
+        return
+    stats = prepared.train_stats
+    if stats.no_trained:
+        raise DataError(f"data.train: {stats.no_trained} samples have no trained token (truncated before "
+                        "the answer?); raise tokenizer.max_length or use tokenizer.overflow: drop")
+    if recipe.trainer.train_on != "all":
+        stops = set(stop_token_ids(prepared.tokenizer))
+        for i, s in enumerate(samples):
+            bad = stop_problems(s, stops)
+            # A truncated sample may legitimately end mid-answer.
+            if bad and not (bad == [len(s["input_ids"]) - 1] and len(s["input_ids"]) >= recipe.tokenizer.max_length):
+                tok = prepared.tokenizer.decode([s["input_ids"][bad[0]]])
+                raise DataError(f"sample {i}: a trained turn ends on {tok!r}, not a stop token; the model would "
+                                "not learn to stop (check the chat template's end-of-turn token)")
+    from finetune.trainers.sft import read_conversations
+
+    convs, _ = read_conversations(recipe)
+    for conv in convs[:20]:
+        check_generation_prompt(prepared.tokenizer, conv.messages, tools=conv.tools)
