@@ -187,7 +187,7 @@ def test_reward_trainer_learns_a_preference_and_saves_a_loadable_model(in_tmp, t
 
 
 def test_lora_reward_model_trains_its_head_and_loads_back(in_tmp, tiny_model_dir):
-    from finetune.models.loading import load_trained_reward_model
+    from finetune.models.reward_model import load_trained_reward_model
 
     recipe = reward_recipe(in_tmp, tiny_model_dir, adapter={"r": 4, "alpha": 8})
     recipe["optim"]["lr"] = 2e-2
@@ -221,8 +221,7 @@ def test_a_new_head_is_drawn_at_the_reference_scale_and_a_trained_one_is_kept(in
                                                                               reward_model_dir):
     from safetensors.torch import load_file
 
-    from finetune.models.loading import load_reward_model
-    from finetune.models.reward_model import score_head
+    from finetune.models.reward_model import load_reward_model, score_head
 
     torch.manual_seed(0)
     model, _ = load_reward_model(recipe_from_dict(reward_recipe(in_tmp, tiny_model_dir)))

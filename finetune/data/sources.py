@@ -179,7 +179,7 @@ class BadRows:
             raise error
         self.count += 1
         if self.count <= 3:
-            from finetune.train.metrics import info
+            from finetune.console import info
 
             info(f"[yellow]skipped bad row:[/] {error}")
         if self.count > self.limit:

@@ -22,12 +22,29 @@ the conversation's last real token:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, UserError
+from finetune.models.loading import (
+    AdapterSetup,
+    ModelInfo,
+    _first_line,
+    _new_token_layers,
+    added_token_ids,
+    check_modules_to_save,
+    count_params,
+    linear_layer_names,
+    prepare_for_training,
+    quantization_kwargs,
+    quantization_of,
+    resolve_target_modules,
+    weight_dtype,
+)
+from finetune.recipe.schema import Recipe
 
 
 def encode_for_reward(tokenizer, messages: list[dict], max_length: int | None = None) -> list[int]:
@@ -145,8 +162,6 @@ class RewardModelScorer:
         if self.model is None:
             from accelerate import PartialState
 
-            from finetune.models.loading import load_trained_reward_model
-
             self.model = load_trained_reward_model(self.path, PartialState().device)
         return self.model
 
@@ -162,3 +177,101 @@ class RewardModelScorer:
             device = next(model.parameters()).device
             scores += last_token_rewards(model, input_ids.to(device), mask.to(device)).tolist()
         return scores
+
+
+# Loading: a causal LM with a scalar head (trainer.type reward), and a trained one for scoring.
+
+
+def load_reward_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, ModelInfo]:
+    """model.name (a causal LM, or a reward model to continue) with a one-output scalar head.
+
+    transformers' *ForSequenceClassification(num_labels=1) puts a new linear `score` head on the
+    checkpoint's backbone (its lm_head goes unused). With an adapter, LoRA uses peft's SEQ_CLS
+    task: the head trains in full and is saved with the adapter (modules_to_save), so
+    AutoPeftModelForSequenceClassification.from_pretrained(final) loads the reward model.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    m = recipe.model
+    if m.name is None:
+        raise RecipeError("model.name: a reward model starts from a pretrained causal LM "
+                          "(model.init_config is not supported by trainer.type reward)")
+    dtype = weight_dtype(recipe)
+    kwargs = {"dtype": dtype, "num_labels": 1}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    if m.quantize is not None:
+        kwargs.update(quantization_kwargs(recipe))
+    try:
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            m.name, revision=m.revision, trust_remote_code=m.trust_remote_code, use_safetensors=True,
+            output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name: cannot load {m.name!r} with a scalar head: {_first_line(e)}") from None
+    notes: list[str] = []
+    if any(k.split(".")[-2:] == ["score", "weight"] for k in loading.get("missing_keys", ())):
+        init_score_head(model)
+    prepare_for_training(model, recipe, tokenizer, notes)
+    if recipe.adapter is not None:
+        model = _add_reward_adapter(model, recipe)
+    total, trainable = count_params(model)
+    return model, ModelInfo(total, trainable, str(dtype).removeprefix("torch."), f"{m.name} + scalar head", notes)
+
+
+def init_score_head(model: torch.nn.Module) -> None:
+    """A new scalar head drawn from N(0, 1/sqrt(d_model + 1)), bias 0, as OpenAI's
+    lm-human-preferences and the N+ implementation details do, so the head's output starts at unit
+    scale on the normalised final hidden state whatever the width (transformers' default std 0.02
+    does not scale with it). On the quickstart task it made no measurable difference (the loss
+    leaves ln 2 after ~200 steps either way); it is there to match the reference recipe."""
+    head = score_head(model)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def _add_reward_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    a = recipe.adapter
+    targets = [t for t in resolve_target_modules(model, a.target_modules) if t != "score"]
+    check_modules_to_save(model, a.modules_to_save)
+    new_ids = added_token_ids(model, recipe)
+    token_layers, how = _new_token_layers(model, new_ids, a.modules_to_save)
+    quantized = quantization_of(model)
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(
+        r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+        modules_to_save=a.modules_to_save, use_dora=a.use_dora, use_rslora=a.use_rslora,
+        trainable_token_indices={name: new_ids for name in token_layers} or None,
+        task_type="SEQ_CLS",  # peft then trains and saves the `score` head in full
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise RecipeError(f"adapter: {_first_line(e)}; the model's linear layers are: "
+                          f"{', '.join(linear_layer_names(model))}") from None
+    peft_model.adapter_setup = AdapterSetup(targets, new_ids, how, token_layers if how else [], quantized)
+    return peft_model
+
+
+def load_trained_reward_model(path: str | Path, device=None) -> torch.nn.Module:
+    """A reward model written by trainer.type reward (full weights or a SEQ_CLS adapter), in eval
+    mode: bf16 on a GPU that supports it, else fp32."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    if model.config.pad_token_id is None:  # batches of several rows need it (transformers' pooling)
+        model.config.pad_token_id = AutoTokenizer.from_pretrained(path).pad_token_id
+    return model.to(device or "cpu").eval()

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from finetune.console import info
 from finetune.errors import RecipeError
 from finetune.recipe.schema import Recipe, recipe_differences, recipe_to_dict, write_recipe
-from finetune.train.metrics import info
 
 # Keys that may change when a run is resumed: asking for more rounds continues the same run.
 ROUND_MUTABLE = ("trainer.rejection.rounds",)

@@ -17,10 +17,10 @@ import sys
 
 from rich.text import Text
 
+from finetune.console import console
 from finetune.data.tokenizer import check_generation_prompt, stop_token_ids
 from finetune.errors import DataError
 from finetune.recipe.schema import Recipe
-from finetune.train.metrics import console
 
 
 def samples_of(units: list) -> list[dict]:

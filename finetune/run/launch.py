@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from finetune.console import console, info
 from finetune.errors import RecipeError
 from finetune.recipe.schema import Recipe, check_recipe, dump_recipe, recipe_differences, recipe_to_dict
-from finetune.train.metrics import console, info
 
 
 def world_size() -> int:

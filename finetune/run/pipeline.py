@@ -168,8 +168,8 @@ def stage_done(root: Path, stage: Stage) -> bool:
 
 
 def run_pipeline(path: str | Path, overrides: list[str] = (), dry_run: bool = False) -> Path:
+    from finetune.console import info
     from finetune.run.launch import run_recipe
-    from finetune.train.metrics import info
 
     pipe, planned = load_pipeline(path, overrides)
     root = Path(pipe.pipeline.output_dir)
@@ -206,8 +206,8 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), dry_run: bool = Fa
 
 def plot_pipeline(root: Path, planned: list, results: list[dict]) -> None:
     """<root>/plot.png: held-out accuracy after each stage, then each training stage's curves."""
+    from finetune.console import info
     from finetune.infer.plot import plot_story
-    from finetune.train.metrics import info
 
     runs = [(stage.name, root / stage.name) for stage, recipe in planned
             if recipe is not None and (root / stage.name / "metrics.jsonl").is_file()]
@@ -246,7 +246,7 @@ def _write_results(root: Path, results: list[dict]) -> None:
 def print_table(results: list[dict]) -> None:
     from rich.table import Table
 
-    from finetune.train.metrics import console
+    from finetune.console import console
 
     table = Table(title="held-out accuracy after each stage")
     keys = [k for k in results[0] if k not in ("stage", "model")]

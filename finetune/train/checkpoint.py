@@ -45,7 +45,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def latest_checkpoint(output_dir: Path, verify: bool = True) -> Path | None:
     """The newest checkpoint that passes its manifest; corrupt ones are reported and skipped."""
-    from finetune.train.metrics import info
+    from finetune.console import info
 
     for path in reversed(list_checkpoints(output_dir)):
         problem = verify_checkpoint(path) if verify else None

@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
+from finetune.console import info
 from finetune.errors import DataError, RecipeError
 from finetune.recipe.schema import Recipe, write_recipe
 from finetune.train import checkpoint
 from finetune.train.collate import Batch
 from finetune.train.guards import NumericGuard, Preempted, StopSignal, TrainingStopped, oom_message
 from finetune.train.losses import count_trained_tokens, token_ce_sum
-from finetune.train.metrics import MetricsLogger, info
+from finetune.train.metrics import MetricsLogger
 
 
 def causal_lm_loss_sum(model, batch: Batch) -> torch.Tensor:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+from finetune.console import console
 
 
 class MetricsLogger:
@@ -88,10 +86,3 @@ def _round(v):
     if isinstance(v, float) and math.isfinite(v):
         return float(f"{v:.6g}")
     return v
-
-
-def info(message: str, accelerator=None) -> None:
-    """Prints on the main process only (rank from accelerate, or from the launcher's env)."""
-    main = accelerator.is_main_process if accelerator is not None else os.environ.get("RANK", "0") == "0"
-    if main:
-        console.print(message, soft_wrap=True)

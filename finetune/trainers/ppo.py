@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.console import info
 from finetune.errors import RecipeError
 from finetune.recipe.schema import PPOCfg, Recipe, SamplingCfg, write_recipe
 from finetune.rl.ppo_models import ActorCritic, Generated, adapters_disabled, generate, model_inputs, response_logits
@@ -54,7 +55,7 @@ from finetune.train.losses import (
     masked_whiten,
     per_token_rewards,
 )
-from finetune.train.metrics import MetricsLogger, info
+from finetune.train.metrics import MetricsLogger
 
 # (prompt ids, response ids with the stop token) per sequence -> one score per sequence
 ScoreFn = Callable[[list[list[int]], list[list[int]]], Sequence[float]]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from finetune.console import info
 from finetune.data.sources import read_texts, split_holdout
 from finetune.data.tokenizer import encode_text
 from finetune.data.tokenizer_setup import load_tokenizer
@@ -25,7 +26,6 @@ from finetune.errors import DataError
 from finetune.recipe.schema import Recipe
 from finetune.train import engine
 from finetune.train.collate import collate_padded
-from finetune.train.metrics import info
 from finetune.train.plan import Plan
 
 

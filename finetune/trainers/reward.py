@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.console import info
 from finetune.data.formats import to_preference
 from finetune.data.sources import mix_sources, split_holdout
 from finetune.data.tokenizer_setup import load_tokenizer
@@ -30,7 +31,6 @@ from finetune.errors import DataError
 from finetune.models.reward_model import bradley_terry_loss, encode_for_reward, last_token_rewards, pad_right
 from finetune.recipe.schema import Recipe
 from finetune.train import engine
-from finetune.train.metrics import info
 from finetune.train.plan import Plan
 
 
@@ -170,7 +170,7 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
 
 
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
-    from finetune.models.loading import load_reward_model
+    from finetune.models.reward_model import load_reward_model
 
     prepared = prepare(recipe, resume_from)
     model, model_info = load_reward_model(recipe, prepared.tokenizer)

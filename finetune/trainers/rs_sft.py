@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.console import info
 from finetune.data.formats import to_conversation
 from finetune.data.sources import encode_conversations, mix_sources, split_holdout
 from finetune.data.tokenizer_setup import load_tokenizer
@@ -41,7 +42,7 @@ from finetune.rl.rollout import encode_prompt, sample_completions
 from finetune.rl.rounds import publish, read_jsonl, round_dir, start_run_dir, write_jsonl
 from finetune.rl.selection import ScoredSample, SelectionRule, dedupe_key, preference_pairs, round_stats, select_samples
 from finetune.train import checkpoint, engine
-from finetune.train.metrics import MetricsLogger, info
+from finetune.train.metrics import MetricsLogger
 from finetune.train.plan import Plan
 
 

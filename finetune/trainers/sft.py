@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from finetune.console import info
 from finetune.data.formats import to_conversation
 from finetune.data.sources import BadRows, EncodeStats, encode_conversations_cached, mix_sources, split_holdout
 from finetune.data.tokenizer_setup import load_tokenizer
@@ -28,7 +29,6 @@ from finetune.recipe.schema import Recipe
 from finetune.rl.evaluate import exact_match
 from finetune.train import engine
 from finetune.train.collate import collate_flat, collate_padded, pack_bins, packing_efficiency
-from finetune.train.metrics import info
 from finetune.train.plan import Plan
 
 
