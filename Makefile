@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml Makefile
 quickstart: install
 	$(VENV)/bin/finetune run recipes/quickstart.yaml run.overwrite=true
 
+# Two xdist workers (one torch thread each) on CI's 2 cores; the quickstart story, the longest
+# test, is one group that starts first so the rest fills the other worker around it.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not gpu"

@@ -17,6 +17,20 @@ os.environ["FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="finetune-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker (and per process a test starts): two workers on two cores
+    # otherwise oversubscribe them, and tiny models gain nothing from intra-op threads.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quickstart story first: with `-n 2 --dist loadgroup` it then runs beside everything else
+    instead of starting last and leaving the other worker idle."""
+    items.sort(key=lambda item: 0 if "test_quickstart" in item.nodeid else 1)
+
 
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ from finetune.run.launch import run_recipe
 from finetune.run.pipeline import run_pipeline
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+# One xdist group: the story's module fixture runs once, on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("story")]
 
 # Measured on 2 CPU cores (recipes/quickstart.yaml, seed 42, three runs): rs held-out pass@1
 # 0.17 -> 0.32, 0.17 -> 0.37 and 0.12 -> 0.32; rs sampled pass rate on the training prompts
