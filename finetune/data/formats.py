@@ -1,6 +1,7 @@
 """Row formats: one row of a declared format -> one normalised record.
 
-The recipe declares each source's format (``data.train[i].format``); rows are never guessed at.
+Each source's format is declared (``data.train[i].format``) or, with ``auto`` (the default), read from
+the columns of its first rows (``finetune.data.sources.detect_format``).
 Every format except ``text`` becomes a ``Conversation`` (``to_conversation``), or for preference
 data a ``PreferencePair`` (``to_preference``). Column names are logical: map them to your
 dataset's own with ``columns: {messages: dialog}``.
@@ -38,21 +39,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.data.sources import Row, column
+from finetune.data.sources import FORMAT_COLUMNS, Row, column
 from finetune.data.tokenizer import ROLES
 from finetune.errors import DataError
 from finetune.recipe.schema import DataSource
 
-# Required logical columns per format (optional ones are in the table above).
-FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "text": ("text",),
-    "messages": ("messages",),
-    "prompt_completion": ("prompt", "completion"),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "output"),
-    "prompts": ("prompt",),
-    "preference": ("chosen", "rejected"),
-}
 # ShareGPT speaker names -> roles. function_call is the assistant calling a tool (kept as content).
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",

@@ -19,6 +19,21 @@ from finetune.recipe.schema import DataSource
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
+# Required logical columns per format (finetune.data.formats has the optional ones and the rules).
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompts": ("prompt",),
+    "preference": ("chosen", "rejected"),
+}
+# A format whose columns are a subset of another's yields to it: prompt + completion rows are
+# prompt_completion, not prompts, unless the trainer reads prompts (`expected`).
+_SUBSUMED = {"prompts": ("prompt_completion", "preference", "alpaca")}
+_DETECT_ROWS = 5
+
 
 @dataclass
 class Row:
@@ -47,6 +62,8 @@ def source_files(src: DataSource, key: str) -> list[Path] | None:
 def read_source(src: DataSource, key: str, seed: int = 0) -> list[Row]:
     """All rows of one source (after max_samples), in file order."""
     files = source_files(src, key)
+    if src.format == "auto":
+        src = with_format(src, key, rows=_peek(src, files, key))
     rows: list[Row] = []
     if files is None:
         rows = _read_hub(src, key)
@@ -57,6 +74,93 @@ def read_source(src: DataSource, key: str, seed: int = 0) -> list[Row]:
         raise DataError(f"{key}: {src.path} holds no rows")
     if src.max_samples and len(rows) > src.max_samples:
         rows = random.Random(seed).sample(rows, src.max_samples)
+    return rows
+
+
+def with_format(src: DataSource, key: str, expected: str | None = None, rows: list[Row] | None = None) -> DataSource:
+    """The source with its format settled: itself when declared, else a copy with the format that
+    its first rows' columns name (the recipe itself keeps `auto`, so its recipe.yaml reruns as is).
+
+    `expected` is the format the trainer reads: chosen when the rows fit it among others (prompt +
+    answer rows for ppo are `prompts`; prompt + completion rows are `prompt_completion` elsewhere).
+    """
+    if src.format != "auto":
+        return src
+    rows = rows if rows is not None else _peek(src, source_files(src, key), key)
+    if _role_turns_under_conversations(rows, src):
+        # Many Hub sets keep role/content turns under `conversations`: they are messages.
+        src = src.model_copy(update={"columns": {"messages": "conversations", **src.columns}})
+    return src.model_copy(update={"format": detect_format(rows, src, key, expected)})
+
+
+def detect_format(rows: list[Row], src: DataSource, key: str, expected: str | None = None) -> str:
+    per_row = []
+    for row in rows[:_DETECT_ROWS]:
+        present = {name for name in _logical_columns(src) if src.columns.get(name, name) in row.data}
+        row_fits = {f for f, need in FORMAT_COLUMNS.items() if all(c in present for c in need)}
+        if src.columns.get("messages") == src.columns.get("conversations", "conversations"):
+            row_fits.discard("sharegpt")  # the same column mapped to messages (role/content turns)
+        per_row.append((row.origin, row_fits))
+    fits = set.intersection(*(f for _, f in per_row)) if per_row else set()
+    if not fits and len({frozenset(f) for _, f in per_row}) > 1:
+        shown = "; ".join(f"{o}: {', '.join(sorted(f)) or 'none'}" for o, f in per_row)
+        raise DataError(f"{key}: format auto: the first rows fit different formats ({shown}); "
+                        f"set {key.removesuffix('.path')}.format")
+    if expected in fits:
+        fits = {expected}
+    for weaker, stronger in _SUBSUMED.items():
+        if weaker in fits and fits & set(stronger):
+            fits.discard(weaker)
+    if len(fits) == 1:
+        fmt = fits.pop()
+        _note_detected(key, src, fmt)
+        return fmt
+    columns = ", ".join(sorted(map(str, rows[0].data))) if rows else "none"
+    where = rows[0].origin if rows else key
+    if fits:
+        raise DataError(f"{where}: format auto: the rows fit {' and '.join(sorted(fits))} (columns: {columns}); "
+                        f"set {key.removesuffix('.path')}.format")
+    known = "; ".join(f"{f}: {', '.join(c)}" for f, c in FORMAT_COLUMNS.items())
+    raise DataError(f"{where}: format auto: columns {columns} fit no format ({known}); "
+                    f"set {key.removesuffix('.path')}.format and map columns with columns: {{logical: yours}}")
+
+
+def _logical_columns(src: DataSource) -> set[str]:
+    return {c for cols in FORMAT_COLUMNS.values() for c in cols} | set(src.columns)
+
+
+def _role_turns_under_conversations(rows: list[Row], src: DataSource) -> bool:
+    name = src.columns.get("conversations", "conversations")
+    if "messages" in src.columns or not rows or not all(name in r.data for r in rows[:_DETECT_ROWS]):
+        return False
+    turns = rows[0].data[name]
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "role" in turns[0]
+
+
+_NOTED: set[tuple] = set()
+
+
+def _note_detected(key: str, src: DataSource, fmt: str) -> None:
+    # Once per source and process: a source is read by the plan, the audit and the trainer.
+    if (key, src.path, fmt) not in _NOTED:
+        _NOTED.add((key, src.path, fmt))
+        from finetune.console import info
+
+        info(f"{key.removesuffix('.path')}: format auto -> {fmt} ({src.path})")
+
+
+def _peek(src: DataSource, files: list[Path] | None, key: str) -> list[Row]:
+    """The first rows of a source, without reading a large JSONL file whole."""
+    if files is None:
+        return _read_hub(src.model_copy(update={"split": f"{src.split}[:{_DETECT_ROWS}]"}), key)
+    rows: list[Row] = []
+    for f in files:
+        if f.suffix == ".jsonl":
+            rows += _read_jsonl(f, limit=_DETECT_ROWS - len(rows))
+        else:
+            rows += _read_file(f, "auto")[:_DETECT_ROWS - len(rows)]
+        if len(rows) >= _DETECT_ROWS:
+            break
     return rows
 
 
@@ -88,10 +192,12 @@ def _read_file(path: Path, fmt: str) -> list[Row]:
     raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)})")
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_jsonl(path: Path, limit: int | None = None) -> list[Row]:
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
             try:
@@ -145,6 +251,7 @@ def read_texts(sources: list[DataSource], key: str, seed: int) -> list[tuple[str
     """(text, origin) for every row of `text`-format sources."""
     out = []
     for i, src in enumerate(sources):
+        src = with_format(src, f"{key}.{i}.path", expected="text")
         if src.format != "text":
             raise DataError(f"{key}.{i}.format: this trainer reads format 'text', got {src.format!r}")
         for row in read_source(src, f"{key}.{i}.path", seed):
@@ -196,6 +303,7 @@ def mix_sources(sources: list[DataSource], key: str, seed: int, convert, bad: Ba
     out = []
     for i, src in enumerate(sources):
         items = []
+        src = with_format(src, f"{key}.{i}.path")
         for row in read_source(src, f"{key}.{i}.path", seed):
             try:
                 items.append(convert(row, src))

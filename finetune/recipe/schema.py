@@ -23,6 +23,7 @@ from finetune.errors import RecipeError
 
 TRAINER_TYPES = ("pretrain", "sft", "reward", "rs_sft", "ppo")
 DATA_FORMATS = ("text", "messages", "prompt_completion", "sharegpt", "alpaca", "preference", "prompts")
+# `auto` (the default) reads the format from the columns of a source's first rows (finetune.data.sources).
 
 
 class Section(BaseModel):
@@ -63,7 +64,7 @@ class TokenizerCfg(Section):
 
 class DataSource(Section):
     path: str
-    format: Literal[DATA_FORMATS] = "text"  # type: ignore[valid-type]
+    format: Literal[("auto", *DATA_FORMATS)] = "auto"  # type: ignore[valid-type]
     columns: dict[str, str] = Field(default_factory=dict)
     weight: float = Field(1.0, gt=0)
     split: str = "train"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.data.formats import to_conversation
-from finetune.data.sources import mix_sources, split_holdout
+from finetune.data.sources import mix_sources, split_holdout, with_format
 from finetune.data.tokenizer import stop_token_ids
 from finetune.data.tokenizer_setup import load_tokenizer
 from finetune.errors import DataError, RecipeError
@@ -86,7 +86,8 @@ class PPOPlan(Plan):
 
 
 def read_prompts(recipe: Recipe, section: str) -> list:
-    sources = getattr(recipe.data, section) or []
+    sources = [with_format(src, f"data.{section}.{i}.path", expected="prompts")
+               for i, src in enumerate(getattr(recipe.data, section) or [])]
     for i, src in enumerate(sources):
         if src.format != "prompts":
             raise DataError(f"data.{section}.{i}.format: ppo samples completions of format 'prompts' rows "

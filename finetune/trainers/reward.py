@@ -25,7 +25,7 @@ import torch
 
 from finetune.console import info
 from finetune.data.formats import to_preference
-from finetune.data.sources import mix_sources, split_holdout
+from finetune.data.sources import mix_sources, split_holdout, with_format
 from finetune.data.tokenizer_setup import load_tokenizer
 from finetune.errors import DataError
 from finetune.models.reward_model import bradley_terry_loss, encode_for_reward, last_token_rewards, pad_right
@@ -67,15 +67,18 @@ class Prepared:
 
 
 def read_pairs(recipe: Recipe) -> tuple[list, list]:
+    sources = {}
     for section in ("train", "eval"):
-        for i, src in enumerate(getattr(recipe.data, section) or []):
+        sources[section] = [with_format(src, f"data.{section}.{i}.path", expected="preference")
+                            for i, src in enumerate(getattr(recipe.data, section) or [])]
+        for i, src in enumerate(sources[section]):
             if src.format != "preference":
                 raise DataError(f"data.{section}.{i}.format: trainer reward reads format 'preference' "
                                 f"(prompt, chosen, rejected), got {src.format!r}")
     seed = recipe.run.seed
-    train = mix_sources(recipe.data.train, "data.train", seed, to_preference)
-    if recipe.data.eval:
-        return train, mix_sources(recipe.data.eval, "data.eval", seed, to_preference)
+    train = mix_sources(sources["train"], "data.train", seed, to_preference)
+    if sources["eval"]:
+        return train, mix_sources(sources["eval"], "data.eval", seed, to_preference)
     if recipe.data.eval_fraction:
         return split_holdout(train, recipe.data.eval_fraction, seed)
     return train, []

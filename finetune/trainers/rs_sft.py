@@ -33,7 +33,7 @@ import torch
 
 from finetune.console import info
 from finetune.data.formats import to_conversation
-from finetune.data.sources import encode_conversations, mix_sources, split_holdout
+from finetune.data.sources import encode_conversations, mix_sources, split_holdout, with_format
 from finetune.data.tokenizer_setup import load_tokenizer
 from finetune.errors import DataError, RecipeError
 from finetune.recipe.schema import DataSource, Recipe
@@ -58,6 +58,7 @@ class Prepared:
 
 
 def read_prompts(sources: list[DataSource], key: str, seed: int) -> list:
+    sources = [with_format(src, f"{key}.{i}.path", expected="prompts") for i, src in enumerate(sources)]
     for i, src in enumerate(sources):
         if src.format != "prompts":
             raise DataError(f"{key}.{i}.format: rs_sft samples completions of format 'prompts' rows "
