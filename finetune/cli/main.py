@@ -68,14 +68,17 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    from finetune.recipe.schema import check_recipe, load_recipe
+    from finetune.recipe.schema import PeerConfigError, check_recipe, load_recipe
     from finetune.run.pipeline import is_pipeline, load_pipeline
 
     if is_pipeline(args.recipe):
         _, stages = load_pipeline(args.recipe, args.overrides)
         print(f"{args.recipe}: ok (pipeline of {len(stages)} stages)")
         return 0
-    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except PeerConfigError as e:
+        return print_translation(e)
     notes = check_recipe(recipe)
     if recipe.model.quantize:  # needs torch/bitsandbytes: only imported when quantization is asked for
         from finetune.models.loading import check_quantization_supported
@@ -85,6 +88,47 @@ def cmd_validate(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"{args.recipe}: ok ({recipe.trainer.type}, output {recipe.run.output_dir})")
     return 0
+
+
+def print_translation(e) -> int:
+    """An Axolotl / TRL config given to validate: the equivalent recipe on stdout (save it and
+    check it), what has no equivalent on stderr; exit 2 because the file itself does not run."""
+    import yaml
+
+    from finetune.recipe.peers import translate_config
+
+    recipe, unmapped = translate_config(e.data, e.path.stem)
+    print(f"# finetune recipe equivalent to {e.path} ({e.kind} config)")
+    print(yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False), end="")
+    if unmapped:
+        print(f"finetune: note: no equivalent for: {', '.join(unmapped)}", file=sys.stderr)
+    print(f"finetune: error: {e.path} is an {e.kind} config, not a recipe: the equivalent recipe is above "
+          f"(save it, e.g. `finetune validate {e.path} > recipe.yaml`, and check it)", file=sys.stderr)
+    return 2
+
+
+def peer_flag_hints(stray: list[str]) -> list[str]:
+    """`--learning_rate 1e-4` -> 'unknown flag --learning_rate (did you mean optim.lr=1e-4?)'."""
+    import yaml
+
+    from finetune.recipe.peers import suggestion
+
+    hints = []
+    for i, arg in enumerate(stray):
+        if not arg.startswith("--"):
+            continue
+        name, eq, raw = arg[2:].partition("=")
+        if not eq:
+            following = stray[i + 1] if i + 1 < len(stray) else None
+            raw = following if following is not None and not following.startswith("-") else "true"
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        hint = suggestion(name, value)
+        if hint:
+            hints.append(f"unknown flag --{name}{hint}; recipe keys are set as key=value")
+    return hints
 
 
 def cmd_run(args) -> int:
@@ -177,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        hints = peer_flag_hints(stray)
+        parser.error(hints[0] if hints else f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
     try:

@@ -20,10 +20,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from finetune.errors import RecipeError
+from finetune.recipe.peers import peer_kind, suggestion
 
 TRAINER_TYPES = ("pretrain", "sft", "reward", "rs_sft", "ppo")
 DATA_FORMATS = ("text", "messages", "prompt_completion", "sharegpt", "alpaca", "preference", "prompts")
 # `auto` (the default) reads the format from the columns of a source's first rows (finetune.data.sources).
+
+
+class PeerConfigError(RecipeError):
+    """The file is an Axolotl / TRL config, not a recipe (`finetune validate` prints the translation)."""
+
+    def __init__(self, path: Path, kind: str, data: dict) -> None:
+        super().__init__(f"{path}: this is an {kind} config, not a finetune recipe; "
+                         f"`finetune validate {path}` prints the equivalent recipe")
+        self.path, self.kind, self.data = path, kind, data
 
 
 class Section(BaseModel):
@@ -342,9 +352,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read recipe: {e}") from None
     data, lines = _parse_yaml(text, str(path))
+    kind = peer_kind(data)
+    if kind:
+        raise PeerConfigError(path, kind, data)
     for item in overrides:
         key, value = parse_override(item)
-        _check_key_path(key, lines.of(()), f"override {item!r}")
+        _check_key_path(key, lines.of(()), f"override {item!r}", value)
         _set_dotted(data, key, value, f"override {item!r}")
         lines.where[tuple(_split_key(key))] = f"override {item!r}"
     recipe = _validate(data, lines)
@@ -375,7 +388,7 @@ def _split_key(key: str) -> list:
     return [int(p) if p.isdigit() else p for p in key.split(".")]
 
 
-def _check_key_path(key: str, where: str, what: str) -> None:
+def _check_key_path(key: str, where: str, what: str, value: Any = None) -> None:
     """Rejects override keys that the schema does not know, before anything is set."""
     model: Any = Recipe
     parts = _split_key(key)
@@ -387,7 +400,8 @@ def _check_key_path(key: str, where: str, what: str) -> None:
         fields = model.model_fields
         if part not in fields:
             prefix = ".".join(str(p) for p in parts[:i])
-            raise RecipeError(f"{what}: unknown key {key!r}{_did_you_mean(part, fields, prefix)}")
+            hint = suggestion(key, value) or _did_you_mean(part, fields, prefix)
+            raise RecipeError(f"{what}: unknown key {key!r}{hint}")
         model = _section_type(fields[part].annotation)
 
 
@@ -448,7 +462,9 @@ def _describe(err: dict, lines: _Lines) -> str:
         parent = _section_at(loc[:-1])
         names = parent.model_fields if parent else ()
         prefix = ".".join(str(p) for p in loc[:-1])
-        return f"{where}: unknown key {dotted!r}{_did_you_mean(loc[-1], names, prefix)}"
+        value = err.get("input")
+        hint = suggestion(str(loc[-1]), value if not isinstance(value, dict) else None)
+        return f"{where}: unknown key {dotted!r}{hint or _did_you_mean(loc[-1], names, prefix)}"
     if kind == "missing":
         return f"{where}: missing required key {dotted!r}"
     msg = err["msg"].removeprefix("Value error, ")
