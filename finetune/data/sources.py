@@ -69,7 +69,7 @@ def read_source(src: DataSource, key: str, seed: int = 0) -> list[Row]:
         rows = _read_hub(src, key)
     else:
         for f in files:
-            rows.extend(_read_file(f, src.format))
+            rows.extend(_read_file(f, src, key))
     if not rows:
         raise DataError(f"{key}: {src.path} holds no rows")
     if src.max_samples and len(rows) > src.max_samples:
@@ -156,23 +156,23 @@ def _peek(src: DataSource, files: list[Path] | None, key: str) -> list[Row]:
     rows: list[Row] = []
     for f in files:
         if f.suffix == ".jsonl":
-            rows += _read_jsonl(f, limit=_DETECT_ROWS - len(rows))
+            rows += _read_jsonl(f, src, key, limit=_DETECT_ROWS - len(rows))
         else:
-            rows += _read_file(f, "auto")[:_DETECT_ROWS - len(rows)]
+            rows += _read_file(f, src, key)[:_DETECT_ROWS - len(rows)]
         if len(rows) >= _DETECT_ROWS:
             break
     return rows
 
 
-def _read_file(path: Path, fmt: str) -> list[Row]:
+def _read_file(path: Path, src: DataSource, key: str) -> list[Row]:
     suffix = path.suffix
     if suffix == ".txt":
-        return _read_txt(path)
+        return _read_txt(path, src, key)
     if suffix == ".jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, src, key)
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(path, src, key))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} style
@@ -192,12 +192,14 @@ def _read_file(path: Path, fmt: str) -> list[Row]:
     raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)})")
 
 
-def _read_jsonl(path: Path, limit: int | None = None) -> list[Row]:
+def _read_jsonl(path: Path, src: DataSource, key: str, limit: int | None = None) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with _open(path) as f:
+        lines = f if _line_by_line(src.encoding) else _read_text(path, src, key).splitlines()
+        for lineno, raw in enumerate(lines, 1):
             if limit is not None and len(rows) >= limit:
                 break
+            line = _decode(raw, src, key, path, lineno) if isinstance(raw, bytes) else raw
             if not line.strip():
                 continue
             try:
@@ -208,9 +210,40 @@ def _read_jsonl(path: Path, limit: int | None = None) -> list[Row]:
     return rows
 
 
-def _read_txt(path: Path) -> list[Row]:
+def _open(path: Path):
+    """The file in binary (lines are decoded one by one, so an error names its line), or one line
+    naming the file when the system refuses it (permissions, a directory, a vanished file)."""
+    try:
+        return path.open("rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _decode(raw: bytes, src: DataSource, key: str, path: Path, lineno: int = 1) -> str:
+    try:
+        return raw.decode(src.encoding)
+    except UnicodeDecodeError as e:
+        # Name the line and column of the first bad byte (counted from the start of `raw`).
+        line = lineno + raw[:e.start].count(b"\n")
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid {src.encoding} (byte 0x{raw[e.start]:02x} at column {column}); "
+                        f"if the file has another encoding, set {key.removesuffix('.path')}.encoding "
+                        f"(e.g. latin-1, cp1252, utf-16)") from None
+
+
+def _read_text(path: Path, src: DataSource, key: str) -> str:
+    with _open(path) as f:
+        return _decode(f.read(), src, key, path)
+
+
+def _line_by_line(encoding: str) -> bool:
+    # UTF-16/32 newlines are not the byte 0x0a: such files are decoded whole, then split.
+    return not encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32", "utf16", "utf32"))
+
+
+def _read_txt(path: Path, src: DataSource, key: str) -> list[Row]:
     """A .txt file is a sequence of documents separated by blank lines."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, src, key)
     docs = [d.strip("\n") for d in text.split("\n\n")]
     rows, line = [], 1
     for doc in docs:

@@ -71,6 +71,24 @@ def load_config(recipe: Recipe, tokenizer=None) -> PretrainedConfig:
         raise UserError(f"model.name: cannot load the config of {m.name!r}: {_first_line(e)}") from None
 
 
+# Learned absolute position tables: a position past the table is an index error at the first forward.
+_ABSOLUTE_POSITIONS = {"gpt2", "gpt_bigcode", "opt", "biogpt", "xglm", "gpt_neo"}
+
+
+def check_positions(recipe: Recipe, config: PretrainedConfig) -> str | None:
+    """tokenizer.max_length against the model's positions: an error where positions are a learned
+    table, a note where they are rotary (runs, but past the trained context quality is not assured)."""
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    length = recipe.tokenizer.max_length
+    if not isinstance(limit, int) or length <= limit:
+        return None
+    if config.model_type in _ABSOLUTE_POSITIONS:
+        raise RecipeError(f"tokenizer.max_length: {length} is beyond the {limit} positions of this "
+                          f"{config.model_type} model (a learned position table): use at most {limit}")
+    return (f"tokenizer.max_length {length} is beyond the model's {limit} trained positions "
+            f"({config.model_type}): sequences that long run, but quality past {limit} is not assured")
+
+
 def load_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, ModelInfo]:
     """Builds (init_config) or loads (name) the causal LM ready for training."""
     m = recipe.model

@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import RecipeError
 from finetune.recipe.peers import peer_kind, suggestion
 
 TRAINER_TYPES = ("pretrain", "sft", "reward", "rs_sft", "ppo")
+# accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS) -> the module each needs installed.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
+            "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
 DATA_FORMATS = ("text", "messages", "prompt_completion", "sharegpt", "alpaca", "preference", "prompts")
 # `auto` (the default) reads the format from the columns of a source's first rows (finetune.data.sources).
 
@@ -81,6 +84,18 @@ class DataSource(Section):
     subset: str | None = None
     revision: str | None = None
     max_samples: int | None = Field(None, gt=0)
+    encoding: str = "utf-8"  # of local jsonl / json / txt files
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError("unknown encoding (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+        return value
 
 
 class DataCfg(Section):
@@ -258,7 +273,7 @@ class RunCfg(Section):
     resume: str = "auto"
     max_skipped_steps: int = Field(5, ge=0)  # consecutive non-finite steps skipped before stopping
     overwrite: bool = False
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    report_to: list[Literal[tuple(TRACKERS)]] = Field(default_factory=list)  # type: ignore[valid-type]
     sample_prompts: list[str] = Field(default_factory=list)
     sample_max_new_tokens: int = Field(32, gt=0)
     # Fast path (finetune.train.fastpath; docs/benchmarks.md): torch.compile of each decoder layer, and
@@ -539,9 +554,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
         raise RecipeError(f"run.resume: {recipe.run.resume!r} is not 'auto', 'never' or a checkpoint directory")
     import importlib.util
 
-    for tracker in recipe.run.report_to:
-        if importlib.util.find_spec(tracker) is None:
-            raise RecipeError(f"run.report_to: {tracker} is not installed (pip install 'finetune[{tracker}]')")
+    for tracker in recipe.run.report_to:  # checked before any weight is loaded, not at the first log
+        if importlib.util.find_spec(TRACKERS[tracker]) is None:
+            raise RecipeError(f"run.report_to: {tracker} is not installed (pip install {tracker.replace('_', '-')})")
     if recipe.model.trust_remote_code:
         notes.append("model.trust_remote_code is on: code from the model repository will run")
     return notes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -61,14 +62,45 @@ def resolve_resume(recipe: Recipe) -> Path | None:
     return ckpt
 
 
+def check_output_dir(path: Path, key: str = "run.output_dir") -> None:
+    """The output directory must be a directory this process can write: checked before any weight
+    is loaded, so a typo costs a second, not a training run. Leaves nothing behind."""
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"{key}: {path} exists and is not a directory")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RecipeError(f"{key}: {path} cannot be created: {ancestor} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".finetune-write-check-", dir=ancestor))
+    except OSError as e:
+        raise RecipeError(f"{key}: {path} is not writable ({e.strerror or e} in {ancestor})") from None
+
+
+def check_model_positions(recipe: Recipe) -> list[str]:
+    """tokenizer.max_length vs the model's positions, from its config alone (skipped when the
+    config cannot be read here, e.g. an uncached Hub model offline: loading then says why)."""
+    from finetune.errors import UserError
+    from finetune.models.loading import check_positions, load_config
+
+    try:
+        config = load_config(recipe)
+    except UserError:
+        return []
+    note = check_positions(recipe, config)
+    return [note] if note else []
+
+
 def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
     from transformers.utils import logging as hf_logging
 
     from finetune.trainers import get_trainer
 
     hf_logging.disable_progress_bar()  # our own progress output is the one to read
-    for note in check_recipe(recipe):
+    for note in check_recipe(recipe) + check_model_positions(recipe):
         info(f"[yellow]note:[/] {note}")
+    check_output_dir(Path(recipe.run.output_dir))
     trainer = get_trainer(recipe.trainer.type)
     resume_from = resolve_resume(recipe)
     if dry_run:
@@ -87,6 +119,10 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
 
     set_seed(recipe.run.seed)  # before any weights are initialised: from-scratch runs are reproducible
     final = trainer.train(recipe, resume_from=resume_from, num_processes=world_size())
+    if final is not None and Path(final).is_dir() and is_main_process():
+        from finetune.run.model_card import write_model_card
+
+        write_model_card(recipe, Path(final))
     info(f"done: {final}")
     return final
 
