@@ -175,3 +175,50 @@ def test_full_weight_reference_equals_the_initial_policy(in_tmp, model_dir, monk
     accumulation = ppo.cfg.rollout_batch_size // ppo.cfg.minibatches // ppo.micro
     for ratio, mask in ratios[:accumulation]:  # the first minibatch: before any optimizer step
         assert torch.equal(ratio[mask], torch.ones_like(ratio[mask]))
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("cuda", [True, False], ids=["cuda", "cpu"])
+def test_every_trainer_runs_with_tf32_matmuls_on_cuda(in_tmp, model_dir, monkeypatch, restore_matmul_precision,
+                                                      cuda):
+    import types
+
+    import finetune.trainers as trainers
+    from finetune.run.launch import run_recipe
+
+    torch.set_float32_matmul_precision("highest")
+    seen = []
+
+    def train(recipe, resume_from=None, num_processes=1):
+        seen.append(torch.get_float32_matmul_precision())
+        return in_tmp
+
+    # run_recipe is the one way into every trainer; CUDA is faked only around it.
+    monkeypatch.setattr(trainers, "get_trainer", lambda name: types.SimpleNamespace(train=train))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    run_recipe(recipe(in_tmp, model_dir))
+    assert seen == ["high" if cuda else "highest"]
+
+
+# ---------------------------------------------------------------- GPU (pytest -m gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_matmuls_use_tf32_on_gpu(restore_matmul_precision):
+    """What the CPU test cannot show: the setting reaches cuBLAS (TF32 rounds inputs to 10 mantissa bits)."""
+    from finetune.run.launch import enable_tf32
+
+    a, b = (torch.randn(512, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(i)) for i in (0, 1))
+    exact = (a.double() @ b.double()).float()
+    torch.set_float32_matmul_precision("highest")
+    ieee_error = ((a @ b) - exact).abs().max().item()
+    enable_tf32()
+    tf32_error = ((a @ b) - exact).abs().max().item()
+    assert tf32_error > 10 * ieee_error, (tf32_error, ieee_error)
