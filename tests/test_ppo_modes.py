@@ -222,3 +222,36 @@ def test_fp32_matmuls_use_tf32_on_gpu(restore_matmul_precision):
     enable_tf32()
     tf32_error = ((a @ b) - exact).abs().max().item()
     assert tf32_error > 10 * ieee_error, (tf32_error, ieee_error)
+
+
+def bf16_update_checks(tmp, model_dir, monkeypatch, cpu: bool) -> None:
+    """One update of a full-weight policy (fp32 master weights, checkpointing) under bf16 autocast:
+    bf16 sampling and scoring, KL 0 before the first step, ratio ~1 in the first minibatch, critic
+    modes by phase, a finite non-zero gradient."""
+    ratios, real = [], ppo_module.clipped_policy_loss
+
+    def spy(logprobs, old_logprobs, advantages, mask, clip=0.2):
+        ratios.append((torch.exp(logprobs - old_logprobs).detach(), mask.bool()))
+        return real(logprobs, old_logprobs, advantages, mask, clip)
+
+    monkeypatch.setattr(ppo_module, "clipped_policy_loss", spy)
+    ppo, p, stream = build(recipe(tmp, model_dir), mixed_precision="bf16", cpu=cpu)
+    dtypes, modes = [], []
+    ppo.unwrapped.policy.lm_head.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    first_mlps(ppo)["critic"].register_forward_pre_hook(lambda m, a: modes.append((torch.is_grad_enabled(),
+                                                                                   m.training)))
+    exp, stats = ppo.rollout(*update_batch(p, stream))
+    assert set(dtypes) == {torch.bfloat16}  # sampling and scoring
+    assert exp.kl.abs().max().item() <= 1e-6  # fresh token rows differ by ~1e-4
+    ppo.learn(exp, stats)
+    assert modes and all(training == grad for grad, training in modes)
+    ratio, mask = ratios[0]
+    # The same bf16 maths, once without and once with autograd (the attention kernel may differ).
+    assert (ratio[mask] - 1).abs().max().item() < 1e-2
+    assert 0 < stats.means(None)["grad_norm"] < float("inf")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_full_weight_ppo_update_on_gpu_in_bf16(in_tmp, model_dir, monkeypatch):
+    bf16_update_checks(in_tmp, model_dir, monkeypatch, cpu=False)
