@@ -368,8 +368,9 @@ def build_models(recipe: Recipe, tokenizer) -> PPOModels:
                                                                                       critic_source(recipe))
     reference = None
     if recipe.adapter is None:
-        reference, _ = load_model(recipe, tokenizer)
-        reference.requires_grad_(False).eval()
+        # A copy, not a second load: a second load draws added-token rows (and a from-scratch
+        # model) afresh, and the KL would not start at 0.
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
     for model in (policy, critic, reference):
         if model is not None:
             disable_dropout(model)
@@ -422,8 +423,11 @@ def separate_critic(recipe: Recipe, tokenizer, source: str) -> SeparateCritic:
     body.float(), head.float()
     if tokenizer is not None and len(tokenizer) > body.get_input_embeddings().weight.shape[0]:
         body.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if recipe.model.gradient_checkpointing:
-        body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.model.gradient_checkpointing:  # transformers >= 5.2x's name; the old one goes in v6
+        if hasattr(body, "activation_checkpointing_enable"):
+            body.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return SeparateCritic(body, head)
 
 

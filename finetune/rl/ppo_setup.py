@@ -216,7 +216,8 @@ def evaluate(policy, p: Prepared, recipe: Recipe, all_reduce, accelerator) -> di
     if mine:
         sampling = recipe.trainer.sampling.model_copy(update={"temperature": temperature or 1.0})
         ids = [p.eval_ids[i] for i in mine]
-        gen = generate(policy, ids, sampling, p.stop_ids, p.tokenizer.pad_token_id, greedy=temperature == 0)
+        with accelerator.autocast():  # as the rollouts: the policy's training precision, not fp32 decoding
+            gen = generate(policy, ids, sampling, p.stop_ids, p.tokenizer.pad_token_id, greedy=temperature == 0)
         scores = ChatScorer(p, [p.eval_prompts[i] for i in mine], p.eval_rewards)(ids, gen.responses())
         totals += torch.tensor([sum(scores), float(gen.stopped.sum()), float(gen.response_mask.sum()), len(mine)],
                                dtype=torch.float64)

@@ -92,6 +92,17 @@ def check_model_positions(recipe: Recipe) -> list[str]:
     return [note] if note else []
 
 
+def enable_tf32() -> None:
+    """On CUDA, fp32 matmuls (fp32 master weights outside autocast, fp32 runs) on TF32 tensor cores:
+    several-fold faster on Ampere and newer at ~1e-3 relative error. The legacy call keeps every
+    getter working: torch's per-backend fp32_precision makes get_float32_matmul_precision()
+    (read by inductor) raise."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+
 def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
     from transformers.utils import logging as hf_logging
 
@@ -118,6 +129,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
     from accelerate.utils import set_seed
 
     set_seed(recipe.run.seed)  # before any weights are initialised: from-scratch runs are reproducible
+    enable_tf32()  # here, for every trainer
     final = trainer.train(recipe, resume_from=resume_from, num_processes=world_size())
     if final is not None and Path(final).is_dir() and is_main_process():
         from finetune.run.model_card import write_model_card

@@ -137,6 +137,8 @@ class PPO:
         self.micro, self.max_grad_norm, self.seed = micro_batch_size, max_grad_norm, seed
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
         self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if reference is not None:
+            reference.eval()
         self.updates_done = self.skipped_steps = 0
         critic = self.unwrapped.critic_parameter_names()
         self.actor_params = [p for n, p in self.unwrapped.named_parameters() if p.requires_grad and n not in critic]
@@ -150,7 +152,11 @@ class PPO:
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]], score_fn: ScoreFn) -> tuple[Experience, _Sums]:
         cfg, policy = self.cfg, self.unwrapped.policy
-        gen = generate(policy, prompts, self.sampling, self.stop_ids, self.pad_id)
+        # Eval mode and the training autocast for sampling and scoring alike: the samples come from
+        # the distribution the ratio and KL are computed under (and bf16 decoding is the fast one).
+        self.model.eval()
+        with self.acc.autocast():
+            gen = generate(policy, prompts, self.sampling, self.stop_ids, self.pad_id)
         raw = torch.tensor([float(s) for s in score_fn(prompts, gen.responses())], device=gen.query.device)
         logprobs, ref_logprobs, values = self._score_tokens(gen)
         scores = self._shape_scores(raw, gen.stopped)
@@ -224,6 +230,9 @@ class PPO:
             raise ValueError(f"{rows} rollout rows per process do not split into {cfg.minibatches} minibatches "
                              f"of whole micro-batches of {self.micro}")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.updates_done * 1009 + self.acc.process_index)
+        # from_pretrained returns eval mode, and transformers checkpoints activations only in train
+        # mode: the update's forwards set it explicitly (dropout is off, so the ratio still starts at 1).
+        self.model.train()
         for _ in range(cfg.epochs):
             order = torch.randperm(rows, generator=gen).to(exp.mask.device)
             for m in range(cfg.minibatches):
