@@ -99,7 +99,8 @@ def test_pretrain_run_learns_and_writes_the_layout(in_tmp):
     out = in_tmp / "out"
     assert final == out / "final"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "final", "metrics.jsonl", "recipe.yaml"]
-    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-10", "step-20"]  # keep_last=2
+    # keep_last=2; the last step is saved too, so a finished run can be continued
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-20", "step-30"]
     ckpt = out / "checkpoints" / "step-20"
     for name in ("model", "tokenizer", "optimizer.pt", "scheduler.pt", "rng-0.pt", "trainer_state.json",
                  "manifest.json"):

@@ -6,6 +6,7 @@ finetune` or `torchrun`, where accelerate reads the process group from the envir
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -47,19 +48,43 @@ def resolve_resume(recipe: Recipe) -> Path | None:
     saved = out / "recipe.yaml"
     if ckpt is None:
         if (out / "final").exists():
-            raise RecipeError(f"run.output_dir: {out} already holds a finished run (final/); choose another "
-                              "run.output_dir or set run.overwrite=true to replace it")
+            raise RecipeError(f"run.output_dir: {out} already holds a finished run (final/) and no checkpoint to "
+                              "continue from (run.save_every keeps one); choose another run.output_dir or set "
+                              "run.overwrite=true to replace it")
         return None
     if run.resume == "never":
         raise RecipeError(f"run.output_dir: {out} holds checkpoints and run.resume is 'never'; choose another "
                           "run.output_dir or set run.overwrite=true")
+    step = json.loads((ckpt / STATE_FILE).read_text()).get("step")
     if saved.is_file():
-        diffs = recipe_differences(yaml.safe_load(saved.read_text()), recipe_to_dict(recipe))
+        old = yaml.safe_load(saved.read_text())
+        diffs = recipe_differences(old, recipe_to_dict(recipe))
         if diffs:
             shown = ", ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
-            raise RecipeError(f"run.output_dir: {out} holds checkpoints of a different run (differs in {shown}); "
-                              "resuming needs the same recipe: choose another run.output_dir")
+            raise RecipeError(
+                f"run.output_dir: {out} holds checkpoints of a different run (differs in {shown}); to start a new "
+                f"run from its last state (step {step}) with these values: finetune run {recipe._source} ... "
+                f"run.resume={ckpt} run.output_dir={_free_dir(out)}")
+        for key in CADENCE_KEYS:
+            before, after = old.get("run", {}).get(key), getattr(run, key)
+            if before != after:
+                info(f"[yellow]note:[/] resuming with run.{key} {before} -> {after}")
+    if (out / "final").exists() and run.max_steps is not None and step is not None and step >= run.max_steps:
+        raise RecipeError(f"run.output_dir: {out} already finished at step {step} (final/); raise run.max_steps "
+                          "to continue training it, or set run.overwrite=true to start over")
     return ckpt
+
+
+# Keys that change when things happen, not what is trained: a resume with new values says so.
+CADENCE_KEYS = ("log_every", "eval_every", "save_every", "keep_last", "eval_batches", "sample_prompts")
+
+
+def _free_dir(out: Path) -> Path:
+    """out-2, out-3, ...: the first sibling that does not exist yet."""
+    n = 2
+    while out.with_name(f"{out.name}-{n}").exists():
+        n += 1
+    return out.with_name(f"{out.name}-{n}")
 
 
 def check_output_dir(path: Path, key: str = "run.output_dir") -> None:

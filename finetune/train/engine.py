@@ -131,6 +131,17 @@ def build_scheduler(recipe: Recipe, optimizer, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
+def use_recipe_lr(lr: float, optimizer, scheduler) -> None:
+    """A checkpoint restores the schedule's base learning rate; a run started from it (run.resume)
+    with another optim.lr trains with the new one. The schedule's shape is the recipe's (its total
+    may have grown), so the current lr is recomputed from it; unchanged recipes get the same value."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: Path | None = None) -> Path:
     """Runs the supervised loop to the end; returns <output_dir>/final."""
     from accelerate import Accelerator
@@ -174,6 +185,7 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
             # The data position counts micro-batches per rank: another world size would re-read or skip data.
             raise RecipeError(f"run.resume: {resume_from} was written by {saved} process(es); resume it with "
                               f"{saved}, not {accelerator.num_processes}")
+        use_recipe_lr(recipe.optim.lr, optimizer, scheduler)
         info(f"resumed from {resume_from} at step {state['step']}", accelerator)
     if run.report_to:
         accelerator.init_trackers(out.name, config=_flat_config(recipe))
@@ -355,7 +367,9 @@ def _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, s
     if task.eval_units and ((run.eval_every and step % run.eval_every == 0) or last):
         logger.log({"step": step, **evaluate(recipe, task, model, accelerator)})
         model.train()
-    if run.save_every and step % run.save_every == 0 and not last:
+    # The last step is saved too (as transformers' Trainer does): a finished run keeps a resumable
+    # state, so raising run.max_steps / run.epochs continues from where it ended.
+    if run.save_every and (step % run.save_every == 0 or last):
         checkpoint.save_checkpoint(accelerator, Path(run.output_dir), step, model, optimizer, scheduler,
                                    dict(state), run.keep_last, task.tokenizer)
 
