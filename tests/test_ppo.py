@@ -460,3 +460,129 @@ def test_two_process_ddp_run_keeps_every_rank_identical(tmp_path):
     assert torch.equal(a["start"], b["start"]) and not torch.equal(a["start"], a["params"])
     assert torch.equal(a["params"], b["params"])
     assert a["record"] == pytest.approx(b["record"])  # statistics are reduced over both ranks
+
+
+# ---------------------------------------------------------------- beta, score shaping, whitening, entropy
+
+
+def test_adaptive_beta_follows_the_logged_kl_update_by_update():
+    ppo = toy_ppo(kl_coef=0.2, kl_target=0.5, kl_horizon=40, rollout_batch_size=16, epochs=2, minibatches=1, lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    logged = [ppo.step(prompts(g, rows=16), target_reward)[0] for _ in range(3)]
+    beta = 0.2
+    for r in logged:  # each update runs with the beta its predecessors left: clip(KL / target - 1, +-0.2) * n / H
+        assert r["beta"] == pytest.approx(beta, rel=1e-12)
+        beta *= 1 + min(max(r["kl"] / 0.5 - 1, -0.2), 0.2) * 16 / 40
+    assert ppo.kl_ctl.beta == pytest.approx(beta, rel=1e-12)
+    assert logged[0]["kl"] == 0.0 and logged[1]["beta"] < 0.2  # the policy starts at the reference: beta falls
+    assert logged[-1]["kl"] != 0.0
+
+
+def fixed_scores(values: list[float]):
+    return lambda prompt_ids, responses: values[:len(responses)]
+
+
+@pytest.mark.parametrize(("norm", "clip"), [(False, None), (True, None), (False, 1.5), (True, 0.8)])
+def test_score_norm_and_clip_shape_the_scores_gae_reads(norm, clip):
+    import statistics
+
+    raw = [float(x) for x in (-4, -1, 0, 0.5, 1, 2, 3, 9)] * 2
+    ppo = toy_ppo(stop_ids=[5, 7], missing_eos_penalty=0.25, kl_coef=0.0, max_new_tokens=6, score_norm=norm,
+                  score_clip=clip, whiten_advantages=False)
+    exp, stats = ppo.rollout(prompts(torch.Generator().manual_seed(0), rows=16), fixed_scores(raw))
+    mean, std = statistics.mean(raw), statistics.stdev(raw)  # the unbiased std of the whole rollout batch
+    want = [(s - mean) / std if norm else s for s in raw]
+    if clip is not None:
+        want = [min(max(s, -clip), clip) for s in want]
+    stopped = exp.gen.stopped.tolist()
+    assert 0 < sum(stopped) < len(stopped)
+    want = [s - (0.0 if stop else 0.25) for s, stop in zip(want, stopped, strict=True)]  # the penalty comes last
+    assert exp.scores.tolist() == pytest.approx(want, abs=1e-5)
+    assert exp.raw_scores.tolist() == raw and stats.means(None)["score"] == pytest.approx(statistics.mean(raw))
+    # beta 0: the only reward is the shaped score at each row's last response token, and GAE reads it.
+    last = exp.mask.sum(1) - 1
+    assert torch.equal(exp.rewards.sum(1), exp.rewards.gather(1, last[:, None])[:, 0])
+    assert exp.rewards.sum(1).tolist() == pytest.approx(want, abs=1e-5)
+    from finetune.train.losses import gae_advantages
+
+    advantages, returns = gae_advantages(exp.rewards, exp.values, exp.mask, ppo.cfg.gamma, ppo.cfg.lam)
+    assert torch.equal(exp.advantages, advantages) and torch.equal(exp.returns, returns)
+
+
+def advantages_seen_by_the_loss(monkeypatch, whiten: bool):
+    """The experience of one rollout and every advantage tensor clipped_policy_loss was given."""
+    seen, real = [], ppo_module.clipped_policy_loss
+
+    def spy(logprobs, old_logprobs, advantages, mask, clip=0.2):
+        seen.append((advantages.detach().clone(), mask))
+        return real(logprobs, old_logprobs, advantages, mask, clip)
+
+    monkeypatch.setattr(ppo_module, "clipped_policy_loss", spy)
+    ppo = toy_ppo(micro=8, rollout_batch_size=16, epochs=1, minibatches=1, whiten_advantages=whiten, stop_ids=[5, 7])
+    first_token_score = lambda p, r: [float(x[0] % 4) for x in r]  # noqa: E731 (varied scores and lengths)
+    exp, stats = ppo.rollout(prompts(torch.Generator().manual_seed(0), rows=16), first_token_score)
+    ppo.learn(exp, stats)
+    return exp, seen
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_whiten_advantages_false_gives_the_loss_plain_gae(monkeypatch, whiten):
+    from finetune.train.losses import gae_advantages, masked_whiten
+
+    exp, seen = advantages_seen_by_the_loss(monkeypatch, whiten)
+    plain, _ = gae_advantages(exp.rewards, exp.values, exp.mask, 1.0, 0.95)
+    want = masked_whiten(plain, exp.mask) if whiten else plain
+    # One minibatch of two shuffled micro-batches: compare the multisets of the valid entries.
+    got = torch.cat([a[m.bool()] for a, m in seen]).sort().values
+    assert len(seen) == 2 and torch.equal(got, want[exp.mask.bool()].sort().values)
+    other = plain if whiten else masked_whiten(plain, exp.mask)
+    assert (got - other[exp.mask.bool()].sort().values).abs().max() > 0.1  # the two settings really differ
+
+
+def test_entropy_coef_changes_loss_and_gradient_by_exactly_coef_times_the_entropy_term():
+    from finetune.train.losses import entropy_from_logits, masked_sum
+
+    coef = 0.3
+    ppo = toy_ppo(micro=8, rollout_batch_size=16, epochs=1, minibatches=1, max_new_tokens=6)
+    ppo.sampling = ppo.sampling.model_copy(update={"temperature": 0.7})  # the entropy of the sampled distribution
+    exp, _ = ppo.rollout(prompts(torch.Generator().manual_seed(0), rows=16), target_reward)
+    start = copy.deepcopy(ppo.unwrapped.state_dict())
+    names = [n for n, _ in ppo.unwrapped.named_parameters()]
+
+    def one_step(entropy_coef: float) -> tuple[float, dict]:
+        """learn() with the same experience and weights: the loss handed to backward and the gradient."""
+        ppo.unwrapped.load_state_dict(start)
+        ppo.cfg = ppo.cfg.model_copy(update={"entropy_coef": entropy_coef})
+        losses, grads = [], {}
+        backward, clip = ppo.acc.backward, ppo.acc.clip_grad_norm_
+
+        def spy_backward(loss):
+            losses.append(loss.item())
+            backward(loss)
+
+        def spy_clip(params, max_norm):
+            grads.update({n: p.grad.clone() for n, p in ppo.unwrapped.named_parameters() if p.grad is not None})
+            return clip(params, max_norm)
+
+        ppo.acc.backward, ppo.acc.clip_grad_norm_ = spy_backward, spy_clip
+        try:
+            ppo.learn(exp, ppo_module._Sums())
+        finally:
+            del ppo.acc.backward, ppo.acc.clip_grad_norm_
+        assert len(losses) == 2  # two micro-batches, one optimizer step
+        return sum(losses), grads
+
+    loss0, grads0 = one_step(0.0)
+    loss1, grads1 = one_step(coef)
+    # The entropy term computed on its own: the mean entropy per response token of the minibatch.
+    ppo.unwrapped.load_state_dict(start)
+    logits, _ = ppo.unwrapped(**exp.inputs(slice(None)))
+    term = masked_sum(entropy_from_logits(logits, ppo.sampling.temperature), exp.mask) / exp.mask.sum()
+    term_grads = torch.autograd.grad(term, [p for p in ppo.unwrapped.parameters()], allow_unused=True)
+    assert term.item() > 0.5 and loss1 - loss0 == pytest.approx(-coef * term.item(), rel=1e-5, abs=1e-6)
+    assert grads0.keys() == grads1.keys() == set(names)
+    for name, g_term in zip(names, term_grads, strict=True):
+        want = -coef * g_term if g_term is not None else torch.zeros_like(grads0[name])
+        torch.testing.assert_close(grads1[name] - grads0[name], want, atol=1e-6, rtol=1e-4)
+    assert any(g is not None and g.abs().max() > 1e-4 for g in term_grads)
+
