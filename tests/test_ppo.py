@@ -586,3 +586,30 @@ def test_entropy_coef_changes_loss_and_gradient_by_exactly_coef_times_the_entrop
         torch.testing.assert_close(grads1[name] - grads0[name], want, atol=1e-6, rtol=1e-4)
     assert any(g is not None and g.abs().max() > 1e-4 for g in term_grads)
 
+
+# ---------------------------------------------------------------- resume
+
+def test_adaptive_beta_and_weights_survive_an_interrupted_run(in_tmp, chat_model, capsys):
+    import shutil
+
+    data = ppo_recipe(in_tmp, chat_model, kl_target=0.5, kl_horizon=20)
+    data["run"].update(save_every=1, max_steps=3)
+    final = run_recipe(recipe_from_dict(data))
+    uninterrupted = [r for r in records(in_tmp / "ppo") if "score" in r]
+    betas = [r["beta"] for r in uninterrupted]
+    assert len(set(betas)) == 3  # beta moves every update (8 sequences / horizon 20: up to 8% a step)
+    shutil.copytree(final, in_tmp / "uninterrupted")
+    shutil.rmtree(final)  # as if killed after the checkpoint of update 2
+    (in_tmp / "ppo" / "metrics.jsonl").unlink()
+    run_recipe(recipe_from_dict(data))
+    assert "resumed from" in capsys.readouterr().err
+    resumed = [r for r in records(in_tmp / "ppo") if "score" in r]
+    assert [r["step"] for r in resumed] == [3]
+    # Update 3 runs with the beta that updates 1 and 2 left, restored from the checkpoint.
+    assert resumed[0]["beta"] == pytest.approx(betas[2], rel=1e-9)
+    assert resumed[0]["kl"] == pytest.approx(uninterrupted[2]["kl"], rel=1e-5, abs=1e-7)
+    for name in ("model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
+        a, b = load_file(in_tmp / "uninterrupted" / name), load_file(final / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
