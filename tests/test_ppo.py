@@ -613,3 +613,105 @@ def test_adaptive_beta_and_weights_survive_an_interrupted_run(in_tmp, chat_model
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+# ---------------------------------------------------------------- a reward model: critic start and scoring
+
+
+def save_reward_model(path, model_dir, lora: bool = False):
+    """A random reward model on the tiny chat model, saved as trainer.type reward saves one (full
+    weights, or a SEQ_CLS LoRA adapter whose B is non-zero so that the adapter matters)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.models.reward_model import init_score_head
+
+    torch.manual_seed(1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    init_score_head(model)  # unit-scale scores, not transformers' std 0.02
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_models(chat_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    return {"full": save_reward_model(root / "full", chat_model),
+            "lora": save_reward_model(root / "lora", chat_model, lora=True)}
+
+
+def rm_score(model, tokenizer, messages: list[dict]) -> float:
+    """transformers' own read-out of one unpadded conversation (no finetune code involved)."""
+    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+
+def load_rm(path):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    lora = (path / "adapter_config.json").is_file()
+    model = (AutoPeftModelForSequenceClassification if lora else AutoModelForSequenceClassification).from_pretrained(
+        path, num_labels=1)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_critic_from_a_reward_model_starts_at_its_scores(in_tmp, chat_model, reward_models, kind):
+    from finetune.models.reward_model import encode_for_reward
+    from finetune.rl.ppo_models import build_models, position_ids_from_mask
+    from finetune.rl.ppo_setup import prepare
+
+    data = ppo_recipe(in_tmp, chat_model)
+    data["trainer"]["rewards"] = [{"type": "model", "path": str(reward_models[kind])}]
+    recipe = recipe_from_dict(data)
+    p = prepare(recipe, world=1)
+    critic = build_models(recipe, p.tokenizer).actor_critic.critic
+    convs = p.prompts[:4]
+    replies = ["3 + 4 = 7", "12", "I do not know the answer", ""]
+    rows = [encode_for_reward(p.tokenizer, c.messages + [{"role": "assistant", "content": r}])
+            for c, r in zip(convs, replies, strict=True)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left-padded, as a rollout is
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        values = critic(ids, mask, position_ids_from_mask(mask))
+    # The run's own scorer (weight 1, the reward model alone) on the same conversations.
+    scores = p.rewards([c.messages for c in convs], replies, [c.extra for c in convs]).total
+    assert values[:, -1].tolist() == pytest.approx(scores, abs=1e-4)
+    assert max(scores) - min(scores) > 0.05  # distinct scores: a fresh zero head would give 0 everywhere
+    # At every position: V(prefix) == the reward model's score of that prefix, read by transformers.
+    model, tok = load_rm(reward_models[kind])
+    row = rows[0]
+    with torch.no_grad():
+        prefix_scores = [model(input_ids=torch.tensor([row[:k]])).logits[0, 0].item() for k in range(1, len(row) + 1)]
+    assert values[0, width - len(row):].tolist() == pytest.approx(prefix_scores, abs=1e-4)
+
+
+def test_ppo_with_a_reward_model_logs_its_scores_of_the_sampled_replies(in_tmp, chat_model, reward_models):
+    rm = reward_models["full"]
+    data = ppo_recipe(in_tmp, chat_model, samples_logged=8, sample_every=1)
+    data["trainer"]["rewards"] = [{"type": "model", "path": str(rm)}]
+    final = run_recipe(recipe_from_dict(data))
+    assert (final / "model.safetensors").is_file() and (final / "critic" / "value_head.safetensors").is_file()
+    updates = [r for r in records(in_tmp / "ppo") if "score" in r]
+    assert [r["step"] for r in updates] == [1, 2]
+    samples = [json.loads(x) for x in (in_tmp / "ppo" / "samples.jsonl").read_text().splitlines()]
+    model, tok = load_rm(rm)
+    for step, record in zip((1, 2), updates, strict=True):
+        rollout = [s for s in samples if s["step"] == step]
+        assert len(rollout) == 8  # the whole rollout batch
+        want = [rm_score(model, tok, s["prompt"] + [{"role": "assistant", "content": s["completion"]}])
+                for s in rollout]
+        assert [s["score"] for s in rollout] == pytest.approx(want, abs=1e-4)
+        assert record["score"] == pytest.approx(sum(want) / len(want), abs=1e-4)
+    assert len({round(s["score"], 4) for s in samples}) > 4  # per-reply scores, not one constant
