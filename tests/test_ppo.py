@@ -460,3 +460,258 @@ def test_two_process_ddp_run_keeps_every_rank_identical(tmp_path):
     assert torch.equal(a["start"], b["start"]) and not torch.equal(a["start"], a["params"])
     assert torch.equal(a["params"], b["params"])
     assert a["record"] == pytest.approx(b["record"])  # statistics are reduced over both ranks
+
+
+# ---------------------------------------------------------------- beta, score shaping, whitening, entropy
+
+
+def test_adaptive_beta_follows_the_logged_kl_update_by_update():
+    ppo = toy_ppo(kl_coef=0.2, kl_target=0.5, kl_horizon=40, rollout_batch_size=16, epochs=2, minibatches=1, lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    logged = [ppo.step(prompts(g, rows=16), target_reward)[0] for _ in range(3)]
+    beta = 0.2
+    for r in logged:  # each update runs with the beta its predecessors left: clip(KL / target - 1, +-0.2) * n / H
+        assert r["beta"] == pytest.approx(beta, rel=1e-12)
+        beta *= 1 + min(max(r["kl"] / 0.5 - 1, -0.2), 0.2) * 16 / 40
+    assert ppo.kl_ctl.beta == pytest.approx(beta, rel=1e-12)
+    assert logged[0]["kl"] == 0.0 and logged[1]["beta"] < 0.2  # the policy starts at the reference: beta falls
+    assert logged[-1]["kl"] != 0.0
+
+
+def fixed_scores(values: list[float]):
+    return lambda prompt_ids, responses: values[:len(responses)]
+
+
+@pytest.mark.parametrize(("norm", "clip"), [(False, None), (True, None), (False, 1.5), (True, 0.8)])
+def test_score_norm_and_clip_shape_the_scores_gae_reads(norm, clip):
+    import statistics
+
+    raw = [float(x) for x in (-4, -1, 0, 0.5, 1, 2, 3, 9)] * 2
+    ppo = toy_ppo(stop_ids=[5, 7], missing_eos_penalty=0.25, kl_coef=0.0, max_new_tokens=6, score_norm=norm,
+                  score_clip=clip, whiten_advantages=False)
+    exp, stats = ppo.rollout(prompts(torch.Generator().manual_seed(0), rows=16), fixed_scores(raw))
+    mean, std = statistics.mean(raw), statistics.stdev(raw)  # the unbiased std of the whole rollout batch
+    want = [(s - mean) / std if norm else s for s in raw]
+    if clip is not None:
+        want = [min(max(s, -clip), clip) for s in want]
+    stopped = exp.gen.stopped.tolist()
+    assert 0 < sum(stopped) < len(stopped)
+    want = [s - (0.0 if stop else 0.25) for s, stop in zip(want, stopped, strict=True)]  # the penalty comes last
+    assert exp.scores.tolist() == pytest.approx(want, abs=1e-5)
+    assert exp.raw_scores.tolist() == raw and stats.means(None)["score"] == pytest.approx(statistics.mean(raw))
+    # beta 0: the only reward is the shaped score at each row's last response token, and GAE reads it.
+    last = exp.mask.sum(1) - 1
+    assert torch.equal(exp.rewards.sum(1), exp.rewards.gather(1, last[:, None])[:, 0])
+    assert exp.rewards.sum(1).tolist() == pytest.approx(want, abs=1e-5)
+    from finetune.train.losses import gae_advantages
+
+    advantages, returns = gae_advantages(exp.rewards, exp.values, exp.mask, ppo.cfg.gamma, ppo.cfg.lam)
+    assert torch.equal(exp.advantages, advantages) and torch.equal(exp.returns, returns)
+
+
+def advantages_seen_by_the_loss(monkeypatch, whiten: bool):
+    """The experience of one rollout and every advantage tensor clipped_policy_loss was given."""
+    seen, real = [], ppo_module.clipped_policy_loss
+
+    def spy(logprobs, old_logprobs, advantages, mask, clip=0.2):
+        seen.append((advantages.detach().clone(), mask))
+        return real(logprobs, old_logprobs, advantages, mask, clip)
+
+    monkeypatch.setattr(ppo_module, "clipped_policy_loss", spy)
+    ppo = toy_ppo(micro=8, rollout_batch_size=16, epochs=1, minibatches=1, whiten_advantages=whiten, stop_ids=[5, 7])
+    first_token_score = lambda p, r: [float(x[0] % 4) for x in r]  # noqa: E731 (varied scores and lengths)
+    exp, stats = ppo.rollout(prompts(torch.Generator().manual_seed(0), rows=16), first_token_score)
+    ppo.learn(exp, stats)
+    return exp, seen
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_whiten_advantages_false_gives_the_loss_plain_gae(monkeypatch, whiten):
+    from finetune.train.losses import gae_advantages, masked_whiten
+
+    exp, seen = advantages_seen_by_the_loss(monkeypatch, whiten)
+    plain, _ = gae_advantages(exp.rewards, exp.values, exp.mask, 1.0, 0.95)
+    want = masked_whiten(plain, exp.mask) if whiten else plain
+    # One minibatch of two shuffled micro-batches: compare the multisets of the valid entries.
+    got = torch.cat([a[m.bool()] for a, m in seen]).sort().values
+    assert len(seen) == 2 and torch.equal(got, want[exp.mask.bool()].sort().values)
+    other = plain if whiten else masked_whiten(plain, exp.mask)
+    assert (got - other[exp.mask.bool()].sort().values).abs().max() > 0.1  # the two settings really differ
+
+
+def test_entropy_coef_changes_loss_and_gradient_by_exactly_coef_times_the_entropy_term():
+    from finetune.train.losses import entropy_from_logits, masked_sum
+
+    coef = 0.3
+    ppo = toy_ppo(micro=8, rollout_batch_size=16, epochs=1, minibatches=1, max_new_tokens=6)
+    ppo.sampling = ppo.sampling.model_copy(update={"temperature": 0.7})  # the entropy of the sampled distribution
+    exp, _ = ppo.rollout(prompts(torch.Generator().manual_seed(0), rows=16), target_reward)
+    start = copy.deepcopy(ppo.unwrapped.state_dict())
+    names = [n for n, _ in ppo.unwrapped.named_parameters()]
+
+    def one_step(entropy_coef: float) -> tuple[float, dict]:
+        """learn() with the same experience and weights: the loss handed to backward and the gradient."""
+        ppo.unwrapped.load_state_dict(start)
+        ppo.cfg = ppo.cfg.model_copy(update={"entropy_coef": entropy_coef})
+        losses, grads = [], {}
+        backward, clip = ppo.acc.backward, ppo.acc.clip_grad_norm_
+
+        def spy_backward(loss):
+            losses.append(loss.item())
+            backward(loss)
+
+        def spy_clip(params, max_norm):
+            grads.update({n: p.grad.clone() for n, p in ppo.unwrapped.named_parameters() if p.grad is not None})
+            return clip(params, max_norm)
+
+        ppo.acc.backward, ppo.acc.clip_grad_norm_ = spy_backward, spy_clip
+        try:
+            ppo.learn(exp, ppo_module._Sums())
+        finally:
+            del ppo.acc.backward, ppo.acc.clip_grad_norm_
+        assert len(losses) == 2  # two micro-batches, one optimizer step
+        return sum(losses), grads
+
+    loss0, grads0 = one_step(0.0)
+    loss1, grads1 = one_step(coef)
+    # The entropy term computed on its own: the mean entropy per response token of the minibatch.
+    ppo.unwrapped.load_state_dict(start)
+    logits, _ = ppo.unwrapped(**exp.inputs(slice(None)))
+    term = masked_sum(entropy_from_logits(logits, ppo.sampling.temperature), exp.mask) / exp.mask.sum()
+    term_grads = torch.autograd.grad(term, [p for p in ppo.unwrapped.parameters()], allow_unused=True)
+    assert term.item() > 0.5 and loss1 - loss0 == pytest.approx(-coef * term.item(), rel=1e-5, abs=1e-6)
+    assert grads0.keys() == grads1.keys() == set(names)
+    for name, g_term in zip(names, term_grads, strict=True):
+        want = -coef * g_term if g_term is not None else torch.zeros_like(grads0[name])
+        torch.testing.assert_close(grads1[name] - grads0[name], want, atol=1e-6, rtol=1e-4)
+    assert any(g is not None and g.abs().max() > 1e-4 for g in term_grads)
+
+
+# ---------------------------------------------------------------- resume
+
+def test_adaptive_beta_and_weights_survive_an_interrupted_run(in_tmp, chat_model, capsys):
+    import shutil
+
+    data = ppo_recipe(in_tmp, chat_model, kl_target=0.5, kl_horizon=20)
+    data["run"].update(save_every=1, max_steps=3)
+    final = run_recipe(recipe_from_dict(data))
+    uninterrupted = [r for r in records(in_tmp / "ppo") if "score" in r]
+    betas = [r["beta"] for r in uninterrupted]
+    assert len(set(betas)) == 3  # beta moves every update (8 sequences / horizon 20: up to 8% a step)
+    shutil.copytree(final, in_tmp / "uninterrupted")
+    shutil.rmtree(final)  # as if killed after the checkpoint of update 2
+    (in_tmp / "ppo" / "metrics.jsonl").unlink()
+    run_recipe(recipe_from_dict(data))
+    assert "resumed from" in capsys.readouterr().err
+    resumed = [r for r in records(in_tmp / "ppo") if "score" in r]
+    assert [r["step"] for r in resumed] == [3]
+    # Update 3 runs with the beta that updates 1 and 2 left, restored from the checkpoint.
+    assert resumed[0]["beta"] == pytest.approx(betas[2], rel=1e-9)
+    assert resumed[0]["kl"] == pytest.approx(uninterrupted[2]["kl"], rel=1e-5, abs=1e-7)
+    for name in ("model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
+        a, b = load_file(in_tmp / "uninterrupted" / name), load_file(final / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+# ---------------------------------------------------------------- a reward model: critic start and scoring
+
+
+def save_reward_model(path, model_dir, lora: bool = False):
+    """A random reward model on the tiny chat model, saved as trainer.type reward saves one (full
+    weights, or a SEQ_CLS LoRA adapter whose B is non-zero so that the adapter matters)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.models.reward_model import init_score_head
+
+    torch.manual_seed(1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    init_score_head(model)  # unit-scale scores, not transformers' std 0.02
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_models(chat_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    return {"full": save_reward_model(root / "full", chat_model),
+            "lora": save_reward_model(root / "lora", chat_model, lora=True)}
+
+
+def rm_score(model, tokenizer, messages: list[dict]) -> float:
+    """transformers' own read-out of one unpadded conversation (no finetune code involved)."""
+    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+
+def load_rm(path):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    lora = (path / "adapter_config.json").is_file()
+    model = (AutoPeftModelForSequenceClassification if lora else AutoModelForSequenceClassification).from_pretrained(
+        path, num_labels=1)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_critic_from_a_reward_model_starts_at_its_scores(in_tmp, chat_model, reward_models, kind):
+    from finetune.models.reward_model import encode_for_reward
+    from finetune.rl.ppo_models import build_models, position_ids_from_mask
+    from finetune.rl.ppo_setup import prepare
+
+    data = ppo_recipe(in_tmp, chat_model)
+    data["trainer"]["rewards"] = [{"type": "model", "path": str(reward_models[kind])}]
+    recipe = recipe_from_dict(data)
+    p = prepare(recipe, world=1)
+    critic = build_models(recipe, p.tokenizer).actor_critic.critic
+    convs = p.prompts[:4]
+    replies = ["3 + 4 = 7", "12", "I do not know the answer", ""]
+    rows = [encode_for_reward(p.tokenizer, c.messages + [{"role": "assistant", "content": r}])
+            for c, r in zip(convs, replies, strict=True)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left-padded, as a rollout is
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        values = critic(ids, mask, position_ids_from_mask(mask))
+    # The run's own scorer (weight 1, the reward model alone) on the same conversations.
+    scores = p.rewards([c.messages for c in convs], replies, [c.extra for c in convs]).total
+    assert values[:, -1].tolist() == pytest.approx(scores, abs=1e-4)
+    assert max(scores) - min(scores) > 0.05  # distinct scores: a fresh zero head would give 0 everywhere
+    # At every position: V(prefix) == the reward model's score of that prefix, read by transformers.
+    model, tok = load_rm(reward_models[kind])
+    row = rows[0]
+    with torch.no_grad():
+        prefix_scores = [model(input_ids=torch.tensor([row[:k]])).logits[0, 0].item() for k in range(1, len(row) + 1)]
+    assert values[0, width - len(row):].tolist() == pytest.approx(prefix_scores, abs=1e-4)
+
+
+def test_ppo_with_a_reward_model_logs_its_scores_of_the_sampled_replies(in_tmp, chat_model, reward_models):
+    rm = reward_models["full"]
+    data = ppo_recipe(in_tmp, chat_model, samples_logged=8, sample_every=1)
+    data["trainer"]["rewards"] = [{"type": "model", "path": str(rm)}]
+    final = run_recipe(recipe_from_dict(data))
+    assert (final / "model.safetensors").is_file() and (final / "critic" / "value_head.safetensors").is_file()
+    updates = [r for r in records(in_tmp / "ppo") if "score" in r]
+    assert [r["step"] for r in updates] == [1, 2]
+    samples = [json.loads(x) for x in (in_tmp / "ppo" / "samples.jsonl").read_text().splitlines()]
+    model, tok = load_rm(rm)
+    for step, record in zip((1, 2), updates, strict=True):
+        rollout = [s for s in samples if s["step"] == step]
+        assert len(rollout) == 8  # the whole rollout batch
+        want = [rm_score(model, tok, s["prompt"] + [{"role": "assistant", "content": s["completion"]}])
+                for s in rollout]
+        assert [s["score"] for s in rollout] == pytest.approx(want, abs=1e-4)
+        assert record["score"] == pytest.approx(sum(want) / len(want), abs=1e-4)
+    assert len({round(s["score"], 4) for s in samples}) > 4  # per-reply scores, not one constant

@@ -185,3 +185,32 @@ def test_entropy_by_hand():
     # temperature 2 on logits [log 4, 0]: probabilities [2/3, 1/3]
     h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
     assert entropy_from_logits(torch.tensor([[math.log(4.0), 0.0]]), temperature=2.0).item() == pytest.approx(h)
+
+
+@pytest.mark.parametrize(("kl", "n", "horizon"), [
+    (6.0, 16, 100),    # KL 20% above target: error 0.2, the clip's edge
+    (5.5, 8, 40),      # error 0.1, inside the clip
+    (50.0, 16, 100),   # error 9 clipped to 0.2
+    (0.0, 16, 100),    # error -1 clipped to -0.2
+    (4.0, 64, 64),     # error -0.2 with n == horizon: beta falls 20% in one update
+])
+def test_adaptive_kl_controller_against_the_ziegler_rule_by_hand(kl, n, horizon):
+    from finetune.trainers.ppo import KLController
+
+    target, beta = 5.0, 0.1
+    ctl = KLController(beta, target, horizon)
+    ctl.update(kl, n)
+    error = {6.0: 0.2, 5.5: 0.1, 50.0: 0.2, 0.0: -0.2, 4.0: -0.2}[kl]  # clip(kl / target - 1, -0.2, 0.2)
+    assert ctl.beta == pytest.approx(beta * (1 + error * n / horizon), rel=1e-12)
+    fixed = KLController(beta)  # no target: beta never moves
+    fixed.update(kl, n)
+    assert fixed.beta == beta
+
+
+def test_adaptive_kl_controller_compounds_over_updates():
+    from finetune.trainers.ppo import KLController
+
+    ctl = KLController(0.05, target=2.0, horizon=1000)
+    for _ in range(3):  # KL 3 is 50% above target: +0.2 (clipped) x 100 / 1000 per update
+        ctl.update(3.0, 100)
+    assert ctl.beta == pytest.approx(0.05 * 1.02 ** 3, rel=1e-12)

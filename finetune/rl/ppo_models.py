@@ -221,7 +221,8 @@ class SeparateCritic(nn.Module):
     def load(self, path: Path) -> None:
         from finetune.train.checkpoint import load_weights
 
-        load_weights(self.body, path)
+        # The head's file sits beside the body's shards and is no body weight.
+        load_weights(self.body, path, skip=("value_head.safetensors",))
         _load_head(self.head, path)
 
 

@@ -180,8 +180,9 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
     return json.loads((path / STATE_FILE).read_text())
 
 
-def load_weights(model, model_dir: Path) -> None:
-    """Loads save_pretrained output (full model or PEFT adapter) into an existing model."""
+def load_weights(model, model_dir: Path, skip: tuple[str, ...] = ()) -> None:
+    """Loads save_pretrained output (full model or PEFT adapter) into an existing model; `skip`
+    names safetensors files beside it that are not the model's (a critic's value head)."""
     adapter = model_dir / "adapter_model.safetensors"
     if adapter.is_file():
         from peft import set_peft_model_state_dict
@@ -196,7 +197,8 @@ def load_weights(model, model_dir: Path) -> None:
         return
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(shard))
+        if shard.name not in skip:
+            state.update(load_file(shard))
     if not state:
         raise RuntimeError(f"{model_dir}: no safetensors weights found")
     missing, unexpected = model.load_state_dict(state, strict=False)
