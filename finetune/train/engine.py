@@ -230,7 +230,8 @@ class _Loop:
         micro = [_next_batch(self.task, self.stream, state, acc.device) for _ in range(run.grad_accum)]
         try:
             accumulate_gradients(acc, self.model, self.task, micro, self.window, state["step"] + 1)
-            # Clipping also yields the global gradient norm the numeric guard reads (inf = no clip).
+            # Clipping also yields the global gradient norm the numeric guard reads (inf = no clip);
+            # under DeepSpeed the engine clipped already and this is its norm, a float.
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm or float("inf"))
         except torch.cuda.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
@@ -291,16 +292,33 @@ def accumulate_gradients(accelerator, model, task: SupervisedTask, micro: list[B
     step_tokens = _global_sum(accelerator, sum(task.count_tokens(b) for b in micro))
     if step_tokens == 0:
         raise DataError(f"step {step}: no trained tokens in the whole optimizer step")
-    for i, batch in enumerate(micro):
-        # DDP all-reduces gradients only on the last micro-batch of the step.
-        sync = i == len(micro) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss_sum = task.loss_sum(model, batch)
-            # DDP averages over ranks; x num_processes turns that into the global token mean.
-            accelerator.backward(loss_sum * accelerator.num_processes / step_tokens)
-        if window is not None:
-            window.add(loss_sum.detach(), task.count_tokens(batch), batch.num_tokens)
+    deepspeed = engine_steps_in_backward(accelerator)
+    # Under DeepSpeed the engine accumulates, clips and steps inside the backward of the step's
+    # last micro-batch (accelerate reads sync_gradients as that boundary); the loss here is the
+    # step's token mean already, so the engine must not divide it by gradient_accumulation_steps.
+    kwargs = {"scale_wrt_gas": False} if deepspeed else {}
+    try:
+        for i, batch in enumerate(micro):
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            sync = i == len(micro) - 1
+            if deepspeed:
+                accelerator.gradient_state._set_sync_gradients(sync)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss_sum = task.loss_sum(model, batch)
+                # DDP averages over ranks; x num_processes turns that into the global token mean.
+                accelerator.backward(loss_sum * accelerator.num_processes / step_tokens, **kwargs)
+            if window is not None:
+                window.add(loss_sum.detach(), task.count_tokens(batch), batch.num_tokens)
+    finally:
+        if deepspeed:
+            accelerator.gradient_state._set_sync_gradients(True)
     return step_tokens
+
+
+def engine_steps_in_backward(accelerator) -> bool:
+    """DeepSpeed: the optimizer step, clipping and zero_grad happen in accelerator.backward (the
+    optimizer's step/zero_grad are no-ops there; DeepSpeed skips a non-finite step itself)."""
+    return getattr(accelerator.distributed_type, "value", "") == "DEEPSPEED"
 
 
 def _next_batch(task: SupervisedTask, stream: MicroBatchStream, state: dict, device) -> Batch:

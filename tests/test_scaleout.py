@@ -1,0 +1,151 @@
+"""Multi-GPU set-up that a CPU can check: generated launch configs, the DeepSpeed branch of the
+loop, even eval across ranks, trainer + strategy refusals, and the device set before loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from finetune.recipe.schema import recipe_from_dict
+from finetune.run.launch import accelerate_config, deepspeed_config, wrap_classes
+from tests.conftest import TINY_LLAMA, tiny_pretrain_recipe
+
+TINY = {
+    "llama": dict(TINY_LLAMA),
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+    "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "intermediate_size": 64},
+    "gemma3": {"model_type": "gemma3",
+               "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+               "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "image_size": 32, "patch_size": 16}},
+}
+
+
+def recipe(tmp, init_config=None, **launch):
+    data = tiny_pretrain_recipe(tmp)
+    if init_config is not None:
+        data["model"]["init_config"] = init_config
+    data["launch"] = launch
+    return recipe_from_dict(data)
+
+
+@pytest.mark.parametrize(("model_type", "expected"), [
+    ("llama", ["LlamaDecoderLayer"]),
+    ("gpt2", ["GPT2Block"]),
+    ("gpt_neox", ["GPTNeoXLayer"]),
+    # Gemma-3 is a vision + text wrapper: both towers' blocks (and the units SigLIP declares),
+    # never the old rename's "Gemma3ForConditionalGenerationDecoderLayer"
+    ("gemma3", ["Gemma3DecoderLayer", "SiglipEncoderLayer", "SiglipMultiheadAttentionPoolingHead",
+                "SiglipVisionEmbeddings"]),
+])
+def test_fsdp_wraps_the_models_own_block_classes(in_tmp, model_type, expected):
+    r = recipe(in_tmp, TINY[model_type], strategy="fsdp")
+    assert wrap_classes(r) == sorted(expected)
+    fsdp = accelerate_config(r)["fsdp_config"]
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == ",".join(sorted(expected))
+    # every rank but 0 builds on the meta device and receives rank 0's weights at prepare()
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_sync_module_states"] is True
+
+
+@pytest.mark.parametrize(("strategy", "precision"), [("zero2", "bf16"), ("zero3", "fp16"), ("zero3", "fp32")])
+def test_deepspeed_config_states_every_batch_key(in_tmp, strategy, precision):
+    r = recipe(in_tmp, strategy=strategy)
+    r.run.precision, r.run.micro_batch_size, r.run.grad_accum, r.optim.max_grad_norm = precision, 3, 5, 0.5
+    ds = deepspeed_config(r)
+    # accelerate's prepare() raises on an "auto" micro batch when no DataLoader is passed (ours are not)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 5 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is (precision == "fp16")
+    assert ds["zero_optimization"]["stage"] == int(strategy[-1])
+    assert not any(v == "auto" for v in json.dumps(ds).split('"'))
+    cfg = accelerate_config(r, in_tmp / "ds.json")
+    assert cfg["distributed_type"] == "DEEPSPEED"
+    assert cfg["deepspeed_config"] == {"deepspeed_config_file": str(in_tmp / "ds.json"), "zero3_init_flag": False}
+    # accelerate refuses a mixed_precision key next to a DeepSpeed file (the file decides precision)
+    assert "mixed_precision" not in cfg
+    yaml.safe_dump(cfg)
+
+
+class DeepSpeedLike:
+    """accelerate's DeepSpeed path as the loop sees it, with the engine's two rules: a backward
+    divides the loss by gradient_accumulation_steps unless told not to, and the backward of a
+    micro-batch with sync_gradients set runs the optimizer step (DeepSpeedEngineWrapper.backward)."""
+
+    def __init__(self, gas: int) -> None:
+        from accelerate.state import GradientState
+        from accelerate.utils import DistributedType
+
+        self.distributed_type, self.num_processes, self.gas = DistributedType.DEEPSPEED, 1, gas
+        self.gradient_state = GradientState()
+        self.engine_steps: list[int] = []
+        self.backwards = 0
+
+    def no_sync(self, model):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss, scale_wrt_gas: bool = True):
+        self.backwards += 1
+        (loss / self.gas if scale_wrt_gas else loss).backward()
+        if self.gradient_state.sync_gradients:
+            self.engine_steps.append(self.backwards)
+
+
+def test_deepspeed_engine_steps_once_per_optimizer_step_on_the_step_mean():
+    from finetune.train import engine
+    from finetune.train.collate import collate_padded
+    from tests.test_engine import grads_after, samples_of_different_lengths, tiny_model
+
+    model = tiny_model()
+    acc = DeepSpeedLike(gas=4)
+    task = engine.SupervisedTask(model=model, tokenizer=None, train_units=[],
+                                 collate=lambda s: collate_padded(s, pad_id=0))
+    micro = [task.collate([s]) for s in samples_of_different_lengths()]
+    engine.accumulate_gradients(acc, model, task, micro)
+    assert acc.engine_steps == [4]  # the boundary is the last micro-batch, not every one
+    assert acc.gradient_state.sync_gradients  # restored for whatever runs next
+    plain = grads_after([1, 1, 1, 1])  # the same step without DeepSpeed (torch's own accumulation)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_numeric_guard_takes_deepspeeds_float_grad_norm():
+    from finetune.train.guards import NumericGuard
+
+    guard = NumericGuard(max_consecutive=3, fp16=False)
+    assert guard.step_is_finite(0.7) and guard.step_is_finite(torch.tensor(0.7))
+    assert not guard.step_is_finite(float("inf")) and not guard.step_is_finite(float("nan"))
+    assert guard.consecutive == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed shards on CUDA GPUs only")
+def test_zero2_with_accumulation_equals_one_plain_process(in_tmp, tmp_path_factory):
+    """One GPU under ZeRO-2 (micro 4 x accumulation 2, fp32) ends with the weights of the plain
+    run: the engine accumulates both micro-batches on the step mean and steps once per step."""
+    pytest.importorskip("deepspeed")
+    from finetune.run.launch import run_recipe
+    from tests.conftest import save_tiny_chat_model, tiny_sft_recipe
+    from tests.test_launch import assert_same_weights, free_port, launch
+
+    model_dir = save_tiny_chat_model(tmp_path_factory.mktemp("model") / "tiny")
+
+    def sft(name):
+        data = tiny_sft_recipe(in_tmp, model_dir, max_steps=3, micro_batch_size=4, grad_accum=2,
+                               precision="fp32", save_every=None)
+        data["run"]["output_dir"] = str(in_tmp / name)
+        return data
+
+    run_recipe(recipe_from_dict(sft("plain")))
+    proc = launch(in_tmp, sft("zero2"), "--gpus", "1", "--strategy", "zero2", "--master", f"127.0.0.1:{free_port()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(deepspeed," in proc.stderr
+    ds = json.loads((in_tmp / "zero2" / "deepspeed_config.json").read_text())
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert_same_weights(in_tmp / "plain", in_tmp / "zero2")
