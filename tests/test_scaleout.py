@@ -149,3 +149,60 @@ def test_zero2_with_accumulation_equals_one_plain_process(in_tmp, tmp_path_facto
     ds = json.loads((in_tmp / "zero2" / "deepspeed_config.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert_same_weights(in_tmp / "plain", in_tmp / "zero2")
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("trainer", ["pretrain", "sft", "reward"])
+def test_each_rank_sets_its_device_before_loading_weights(in_tmp, tmp_path_factory, monkeypatch, trainer):
+    """PartialState (which sets cuda:LOCAL_RANK) exists when the trainer loads its model; before,
+    sft/pretrain/reward loaded first and every rank's QLoRA probe and context went to GPU 0."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    from finetune.models import loading, reward_model
+    from finetune.trainers import get_trainer
+    from tests.conftest import tiny_sft_recipe
+    from tests.test_reward_trainer import reward_recipe
+    from tests.tiny_cache import shared_tiny_model
+
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(PartialState._shared_state != {})
+        raise _Loaded
+
+    monkeypatch.setattr(loading, "load_model", load)
+    monkeypatch.setattr(reward_model, "load_reward_model", load)
+    if trainer == "pretrain":
+        data = tiny_pretrain_recipe(in_tmp)
+    else:
+        model_dir = shared_tiny_model(tmp_path_factory)
+        data = tiny_sft_recipe(in_tmp, model_dir) if trainer == "sft" else reward_recipe(in_tmp, model_dir)
+    AcceleratorState._reset_state(reset_partial_state=True)  # as in a fresh process
+    with pytest.raises(_Loaded):
+        get_trainer(trainer).train(recipe_from_dict(data))
+    assert seen == [True]
+
+
+def test_quantization_probe_runs_on_the_ranks_gpu(monkeypatch):
+    from finetune.models import loading
+
+    pytest.importorskip("bitsandbytes")  # imported before CUDA is faked: its CUDA backend would load
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert loading.rank_device() == "cuda:3"
+    monkeypatch.setenv("LOCAL_RANK", "5")  # more processes than GPUs on a node: wrap, as accelerate does
+    assert loading.rank_device() == "cuda:1"
+    probed = []
+    monkeypatch.setattr(loading, "_bnb_probe", lambda q, device, compute: probed.append(device))
+    monkeypatch.setattr(loading, "quant_compute_dtype", lambda recipe: torch.bfloat16)
+    r = recipe_from_dict({"model": {"name": "some/model", "quantize": "4bit"}, "adapter": {"type": "lora"},
+                          "data": {"train": [{"path": "x.jsonl", "format": "messages"}]},
+                          "trainer": {"type": "sft"}, "run": {"output_dir": "out"}})
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    loading.check_quantization_supported(r)
+    assert probed == ["cuda:2"]
+    assert loading.quantization_kwargs(r)["device_map"] == {"": "cuda:2"}

@@ -131,6 +131,18 @@ def build_scheduler(recipe: Recipe, optimizer, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
+def start_process():
+    """The process group and this rank's device, set before any weight or CUDA tensor exists.
+
+    Every trainer calls it first: a model, a bitsandbytes probe or a CUDA context created before
+    accelerate sets the device lands on GPU 0, once per rank. cpu=True where there is no CUDA, as
+    in train() (accelerate otherwise ignores a torchrun process group on the CPU).
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: Path | None = None) -> Path:
     """Runs the supervised loop to the end; returns <output_dir>/final."""
     from accelerate import Accelerator
