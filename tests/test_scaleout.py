@@ -206,3 +206,148 @@ def test_quantization_probe_runs_on_the_ranks_gpu(monkeypatch):
     loading.check_quantization_supported(r)
     assert probed == ["cuda:2"]
     assert loading.quantization_kwargs(r)["device_map"] == {"": "cuda:2"}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("micro", [1, 2, 3])
+def test_eval_batches_are_even_across_ranks_and_cover_every_unit_once(world, micro):
+    from finetune.train.engine import eval_batches
+
+    for n in range(1, 23):
+        per_rank = [eval_batches(n, micro, world, r) for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1, (n, [len(b) for b in per_rank])  # same forward count
+        assert sorted(i for b in per_rank for batch in b for i in batch) == list(range(n))
+        assert all(len(batch) <= micro for b in per_rank for batch in b)
+        capped = [eval_batches(n, micro, world, r, limit=2) for r in range(world)]
+        assert {len(b) for b in capped} == {min(2, len(per_rank[0]))}
+    assert eval_batches(5, 2, 1, 0) == [[0, 1], [2, 3], [4]]  # one process: consecutive micro-batches
+
+
+class RankOf:
+    """One rank of a world as evaluate() sees it; reduce() hands back the local sum (the test adds
+    the ranks' sums itself), so every rank can run in this one process."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.process_index, self.num_processes, self.device = rank, world, torch.device("cpu")
+        self.sums: list[float] = []
+
+    def reduce(self, t, reduction):
+        self.sums.append(float(t))
+        return t
+
+    def unwrap_model(self, model):
+        return model
+
+
+def test_eval_runs_the_same_forwards_on_every_rank_and_equals_one_process(in_tmp):
+    from finetune.train import engine
+    from finetune.train.collate import collate_padded
+    from tests.test_engine import samples_of_different_lengths, tiny_model
+
+    model = tiny_model()
+    calls = []
+
+    def loss_sum(m, batch):
+        calls.append(batch.input_ids.shape[0])
+        return engine.causal_lm_loss_sum(m, batch)
+
+    units = samples_of_different_lengths() + samples_of_different_lengths()[:1]  # 5 units
+    task = engine.SupervisedTask(model=model, tokenizer=None, train_units=[], eval_units=units,
+                                 collate=lambda s: collate_padded(s, pad_id=0), loss_sum=loss_sum)
+    r = recipe_from_dict(tiny_pretrain_recipe(in_tmp, micro_batch_size=2))
+    one = engine.evaluate(r, task, model, RankOf(0, 1))["eval_loss"]
+    forwards, loss, tokens = [], 0.0, 0.0
+    for rank in range(2):
+        calls.clear()
+        acc = RankOf(rank, 2)
+        engine.evaluate(r, task, model, acc)
+        forwards.append(len(calls))
+        loss, tokens = loss + acc.sums[0], tokens + acc.sums[1]
+    assert forwards == [2, 2]  # rank 1 has 2 units, rank 0 has 3: one stand-in forward evens them
+    assert loss / tokens == pytest.approx(one, rel=1e-9)
+
+
+@pytest.mark.parametrize(("trainer", "strategy"), [("rs_sft", "fsdp"), ("rs_sft", "zero3"), ("ppo", "zero2")])
+def test_trainers_that_sample_refuse_sharded_strategies_before_loading(in_tmp, capsys, monkeypatch, trainer,
+                                                                       strategy, tmp_path_factory):
+    from finetune.cli.main import main
+    from finetune.models import loading
+    from tests.conftest import write
+    from tests.tiny_cache import shared_tiny_model
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    data = tiny_pretrain_recipe(in_tmp)
+    data["model"] = {"name": str(shared_tiny_model(tmp_path_factory))}
+    data["tokenizer"] = {"chat_template": "chatml", "max_length": 128}
+    data["trainer"] = {"type": trainer, "rewards": [{"type": "numeric"}]}
+    write(in_tmp / "prompts.jsonl", "".join(json.dumps({"prompt": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n"
+                                            for a in range(8)))
+    data["data"]["train"] = [{"path": "prompts.jsonl", "format": "prompts"}]
+    data["launch"] = {"strategy": strategy}
+    path = write(in_tmp / "r.yaml", json.dumps(data))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"launch.strategy: {trainer} runs under ddp" in err and strategy in err and "Traceback" not in err
+    assert not (in_tmp / "out").exists()
+    # the same pair set by a cluster's own `accelerate launch` (environment only) is refused too
+    data["launch"] = {}
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    path = write(in_tmp / "r.yaml", json.dumps(data))
+    assert main(["run", str(path)]) == 2
+    assert "fsdp shards" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two launched CPU processes: ~50 s on 2 shared cores
+def test_two_process_eval_equals_one_process_with_uneven_eval_units(in_tmp, tmp_path_factory):
+    """5 eval conversations over 2 gloo ranks (3 and 2 units): the same eval loss as one process."""
+    from finetune.run.launch import run_recipe
+    from tests.conftest import tiny_sft_recipe
+    from tests.test_launch import free_port, launch
+    from tests.tiny_cache import shared_tiny_model
+
+    model_dir = shared_tiny_model(tmp_path_factory)
+
+    def sft(name, micro):
+        data = tiny_sft_recipe(in_tmp, model_dir, max_steps=1, micro_batch_size=micro, eval_at_start=True)
+        data["data"]["eval"][0]["max_samples"] = 5
+        data["trainer"]["exact_match_samples"] = 1
+        data["run"]["output_dir"] = str(in_tmp / name)
+        return data
+
+    def eval_losses(name):
+        rows = [json.loads(x) for x in (in_tmp / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+    run_recipe(recipe_from_dict(sft("one", 4)))
+    proc = launch(in_tmp, sft("two", 2), "--num-processes", "2", "--master", f"127.0.0.1:{free_port()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert eval_losses("two") == pytest.approx(eval_losses("one"), rel=1e-5)
+    assert len(eval_losses("one")) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 shards over two CUDA GPUs")
+def test_fsdp_eval_and_samples_with_uneven_units_finish_and_equal_one_process(in_tmp, tmp_path_factory):
+    """Under FSDP every forward all-gathers: uneven eval shares or rank-0-only samples used to hang."""
+    from finetune.run.launch import run_recipe
+    from tests.conftest import tiny_sft_recipe
+    from tests.test_launch import free_port, launch
+    from tests.tiny_cache import shared_tiny_model
+
+    model_dir = shared_tiny_model(tmp_path_factory)
+
+    def sft(name, micro):
+        data = tiny_sft_recipe(in_tmp, model_dir, max_steps=1, micro_batch_size=micro, eval_at_start=True,
+                               precision="fp32", save_every=None, sample_prompts=["What is 2 + 3?"])
+        data["data"]["eval"][0]["max_samples"] = 5
+        data["run"]["output_dir"] = str(in_tmp / name)
+        return data
+
+    def eval_losses(name):
+        rows = [json.loads(x) for x in (in_tmp / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+    run_recipe(recipe_from_dict(sft("one", 4)))
+    proc = launch(in_tmp, sft("fsdp", 2), "--gpus", "2", "--strategy", "fsdp", "--master", f"127.0.0.1:{free_port()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert eval_losses("fsdp") == pytest.approx(eval_losses("one"), rel=1e-4)

@@ -62,6 +62,32 @@ def resolve_resume(recipe: Recipe) -> Path | None:
     return ckpt
 
 
+# Trainers that generate during training, with the strategies under which they do: sampling runs
+# on every rank's full copy of the policy, which fsdp/zero3 shard (and fsdp's rank-0-only loading
+# leaves as meta tensors on the other ranks). Every other trainer runs under every strategy.
+STRATEGIES = {"ppo": ("ddp",), "rs_sft": ("ddp", "zero2")}
+
+
+def active_strategy(recipe: Recipe) -> str:
+    """The recipe's strategy, or the one a cluster's own `accelerate launch` set in the environment."""
+    if recipe.launch.strategy != "ddp":
+        return recipe.launch.strategy
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and stage in ("2", "3"):
+        return f"zero{stage}"
+    return "ddp"
+
+
+def check_strategy(recipe: Recipe) -> None:
+    """Refuses a trainer + strategy pair that would hang or fail after the weights are loaded."""
+    strategy, allowed = active_strategy(recipe), STRATEGIES.get(recipe.trainer.type)
+    if allowed and strategy not in allowed:
+        raise RecipeError(f"launch.strategy: {recipe.trainer.type} runs under {' or '.join(allowed)}; {strategy} "
+                          "shards the weights that every process samples from, which this trainer does not gather")
+
+
 def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
     from transformers.utils import logging as hf_logging
 
@@ -70,6 +96,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
     hf_logging.disable_progress_bar()  # our own progress output is the one to read
     for note in check_recipe(recipe):
         info(f"[yellow]note:[/] {note}")
+    check_strategy(recipe)
     trainer = get_trainer(recipe.trainer.type)
     resume_from = resolve_resume(recipe)
     if dry_run:
@@ -195,6 +222,7 @@ def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
     import torch
 
     la = recipe.launch
+    check_strategy(recipe)
     if la.nnodes > 1 and not la.master:
         raise RecipeError("launch.master: nnodes > 1 needs the address of node 0 as host:port (--master)")
     if la.node_rank >= la.nnodes:

@@ -210,7 +210,8 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
     finally:
         stop.close()
         logger.close()
-    if run.sample_prompts and accelerator.is_main_process:
+    if run.sample_prompts:
+        # Every rank generates (a sharded model's forward is collective); rank 0 prints.
         print_samples(accelerator.unwrap_model(model), task.tokenizer, run.sample_prompts,
                       run.sample_max_new_tokens)
     accelerator.end_training()
@@ -394,14 +395,18 @@ def _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, s
 def evaluate(recipe: Recipe, task: SupervisedTask, model, accelerator) -> dict:
     """Held-out token-mean loss (and perplexity) over all ranks, plus the trainer's extras."""
     model.eval()
-    units = list(task.eval_units)[accelerator.process_index::accelerator.num_processes]
-    mbs = recipe.run.micro_batch_size
+    units = list(task.eval_units)
+    collate = task.eval_collate or task.collate
     loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     trained = 0
-    for n, start in enumerate(range(0, len(units), mbs)):
-        if recipe.run.eval_batches and n >= recipe.run.eval_batches:
-            break
-        batch = (task.eval_collate or task.collate)(units[start:start + mbs]).to(accelerator.device)
+    for idx in eval_batches(len(units), recipe.run.micro_batch_size, accelerator.num_processes,
+                            accelerator.process_index, recipe.run.eval_batches):
+        if not idx:
+            # This rank's share of the last batch is empty: a forward on a stand-in row, its loss
+            # dropped, keeps every rank's forward passes (FSDP's/ZeRO-3's all-gathers) paired.
+            task.loss_sum(model, collate(units[:1]).to(accelerator.device))
+            continue
+        batch = collate([units[i] for i in idx]).to(accelerator.device)
         loss += task.loss_sum(model, batch).double()
         trained += task.count_tokens(batch)
     total = float(_global_sum(accelerator, loss)) / max(_global_sum(accelerator, trained), 1)
@@ -409,6 +414,23 @@ def evaluate(recipe: Recipe, task: SupervisedTask, model, accelerator) -> dict:
     if task.evaluate_extra is not None:
         result.update(task.evaluate_extra(accelerator.unwrap_model(model)))
     return result
+
+
+def eval_batches(n_units: int, micro_batch_size: int, world: int, rank: int,
+                 limit: int | None = None) -> list[list[int]]:
+    """This rank's eval batches (unit indices), the same count on every rank.
+
+    Global batch b holds units [b*m*w, (b+1)*m*w) with m = micro_batch_size, w = world; rank r
+    takes its r-th slice of m units. In the last global batch a slice may be short or empty ([]):
+    the caller still runs one forward for it, so sharded models' collectives never wait on a rank
+    that has finished. `limit` caps the batches per rank (run.eval_batches).
+    """
+    per_global = micro_batch_size * world
+    count = math.ceil(n_units / per_global)
+    if limit:
+        count = min(count, limit)
+    start = lambda b: min(n_units, b * per_global + rank * micro_batch_size)  # noqa: E731
+    return [list(range(start(b), min(n_units, start(b) + micro_batch_size))) for b in range(count)]
 
 
 def save_final(accelerator, model, tokenizer, out: Path) -> Path:
