@@ -260,6 +260,10 @@ class _Loop:
             self.guard.check_limit(state["step"] + 1, ids, self.scheduler.get_last_lr()[0], run.precision)
             return
         self.optimizer.step()
+        # Under DeepSpeed the engine stepped inside backward (optimizer.step is a no-op); this
+        # schedule then sets the lr of the optimizer the engine wraps, once per optimizer step:
+        # accelerate hands the engine only DeepSpeed's own schedule classes, and its
+        # AcceleratedScheduler would step num_processes times per step.
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
