@@ -326,18 +326,22 @@ def test_two_process_eval_equals_one_process_with_uneven_eval_units(in_tmp, tmp_
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 shards over two CUDA GPUs")
-def test_fsdp_eval_and_samples_with_uneven_units_finish_and_equal_one_process(in_tmp, tmp_path_factory):
-    """Under FSDP every forward all-gathers: uneven eval shares or rank-0-only samples used to hang."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 shards over CUDA GPUs")
+def test_fsdp_run_with_eval_and_samples_equals_one_plain_process(in_tmp, tmp_path_factory):
+    """FSDP2 on min(2, visible) GPUs: the generated config (wrap classes from _no_split_modules,
+    rank-0-only loading) is accepted, eval with uneven shares and the sample prompts (every
+    forward all-gathers; they used to hang on 2 GPUs) finish, and weights and eval loss equal one
+    plain process. On one GPU it still proves the config, the loading path and the samples."""
     from finetune.run.launch import run_recipe
     from tests.conftest import tiny_sft_recipe
-    from tests.test_launch import free_port, launch
+    from tests.test_launch import assert_same_weights, free_port, launch
     from tests.tiny_cache import shared_tiny_model
 
     model_dir = shared_tiny_model(tmp_path_factory)
+    gpus = min(2, torch.cuda.device_count())
 
     def sft(name, micro):
-        data = tiny_sft_recipe(in_tmp, model_dir, max_steps=1, micro_batch_size=micro, eval_at_start=True,
+        data = tiny_sft_recipe(in_tmp, model_dir, max_steps=2, micro_batch_size=micro, eval_at_start=True,
                                precision="fp32", save_every=None, sample_prompts=["What is 2 + 3?"])
         data["data"]["eval"][0]["max_samples"] = 5
         data["run"]["output_dir"] = str(in_tmp / name)
@@ -348,6 +352,11 @@ def test_fsdp_eval_and_samples_with_uneven_units_finish_and_equal_one_process(in
         return [r["eval_loss"] for r in rows if "eval_loss" in r]
 
     run_recipe(recipe_from_dict(sft("one", 4)))
-    proc = launch(in_tmp, sft("fsdp", 2), "--gpus", "2", "--strategy", "fsdp", "--master", f"127.0.0.1:{free_port()}")
+    proc = launch(in_tmp, sft("fsdp", 4 // gpus), "--gpus", str(gpus), "--strategy", "fsdp",
+                  "--master", f"127.0.0.1:{free_port()}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(fsdp," in proc.stderr and "'What is 2 + 3?' ->" in proc.stderr
+    config = yaml.safe_load((in_tmp / "fsdp" / "accelerate_config.yaml").read_text())["fsdp_config"]
+    assert config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
     assert eval_losses("fsdp") == pytest.approx(eval_losses("one"), rel=1e-4)
+    assert_same_weights(in_tmp / "one", in_tmp / "fsdp")
