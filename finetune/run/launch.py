@@ -64,7 +64,7 @@ def resolve_resume(recipe: Recipe) -> Path | None:
 
 # Trainers that generate during training, with the strategies under which they do: sampling runs
 # on every rank's full copy of the policy, which fsdp/zero3 shard (and fsdp's rank-0-only loading
-# leaves as meta tensors on the other ranks). Every other trainer runs under every strategy.
+# leaves uninitialised on the other ranks). Every other trainer runs under every strategy.
 STRATEGIES = {"ppo": ("ddp",), "rs_sft": ("ddp", "zero2")}
 
 
@@ -194,7 +194,7 @@ def accelerate_config(recipe: Recipe, deepspeed_file: Path | None = None) -> dic
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_reshard_after_forward": True,
             "fsdp_state_dict_type": "FULL_STATE_DICT" if la.fsdp_state_dict == "full" else "SHARDED_STATE_DICT",
-            # Rank 0 alone reads the weights (the others build on the meta device) and they are
+            # Rank 0 alone reads the weights (the others hold empty tensors) and they are
             # broadcast at prepare(): host RAM holds one fp32 copy per node, not one per GPU.
             "fsdp_cpu_ram_efficient_loading": True,
             "fsdp_sync_module_states": True,  # accelerate launch requires it with the line above
