@@ -171,7 +171,7 @@ def check_quantization_supported(recipe: Recipe) -> list[str]:
     if Version(version) < Version(BNB_MIN_VERSION):
         raise RecipeError(f"model.quantize: bitsandbytes {version} is too old for transformers' "
                           f"quantized loading (needs >= {BNB_MIN_VERSION})")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = rank_device()
     compute = quant_compute_dtype(recipe)
     problem = _bnb_probe(q, device, compute)
     if problem:
@@ -210,8 +210,6 @@ def _bnb_probe(quantize: str, device: str, compute: torch.dtype) -> str | None:
 
 def quantization_kwargs(recipe: Recipe) -> dict:
     """from_pretrained kwargs for model.quantize: the BitsAndBytesConfig and the device to load on."""
-    import os
-
     from transformers import BitsAndBytesConfig
 
     check_quantization_supported(recipe)
@@ -225,8 +223,17 @@ def quantization_kwargs(recipe: Recipe) -> dict:
         # warning for every int8 matmul of every step; the cast is expected, the flood is noise.
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_warning)
     # Weights are quantized as they are placed, so each process loads straight onto its own GPU.
-    device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
-    return {"quantization_config": config, "device_map": {"": device}}
+    return {"quantization_config": config, "device_map": {"": rank_device()}}
+
+
+def rank_device() -> str:
+    """This process's device: cuda:LOCAL_RANK under a multi-GPU launcher. Named explicitly, so no
+    allocation lands on GPU 0 (a CUDA context there per rank) whatever the current device is."""
+    import os
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(torch.cuda.device_count(), 1)}"
 
 
 def _drop_int8_cast_warning(record: logging.LogRecord) -> bool:

@@ -128,6 +128,32 @@ def enable_tf32() -> None:
         torch.set_float32_matmul_precision("high")
 
 
+# Trainers that generate during training, with the strategies under which they do: sampling runs
+# on every rank's full copy of the policy, which fsdp/zero3 shard (and fsdp's rank-0-only loading
+# leaves uninitialised on the other ranks). Every other trainer runs under every strategy.
+STRATEGIES = {"ppo": ("ddp",), "rs_sft": ("ddp", "zero2")}
+
+
+def active_strategy(recipe: Recipe) -> str:
+    """The recipe's strategy, or the one a cluster's own `accelerate launch` set in the environment."""
+    if recipe.launch.strategy != "ddp":
+        return recipe.launch.strategy
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and stage in ("2", "3"):
+        return f"zero{stage}"
+    return "ddp"
+
+
+def check_strategy(recipe: Recipe) -> None:
+    """Refuses a trainer + strategy pair that would hang or fail after the weights are loaded."""
+    strategy, allowed = active_strategy(recipe), STRATEGIES.get(recipe.trainer.type)
+    if allowed and strategy not in allowed:
+        raise RecipeError(f"launch.strategy: {recipe.trainer.type} runs under {' or '.join(allowed)}; {strategy} "
+                          "shards the weights that every process samples from, which this trainer does not gather")
+
+
 def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
     from transformers.utils import logging as hf_logging
 
@@ -137,6 +163,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
     for note in check_recipe(recipe) + check_model_positions(recipe):
         info(f"[yellow]note:[/] {note}")
     check_output_dir(Path(recipe.run.output_dir))
+    check_strategy(recipe)
     trainer = get_trainer(recipe.trainer.type)
     resume_from = resolve_resume(recipe)
     if dry_run:
@@ -168,19 +195,53 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
 # `finetune launch`: the same run in N processes (x M nodes) through `accelerate launch`
 
 
-def decoder_layer_class(recipe: Recipe) -> str | None:
-    """The transformer block class FSDP wraps one by one (e.g. LlamaDecoderLayer)."""
+def wrap_classes(recipe: Recipe) -> list[str] | None:
+    """The block classes FSDP wraps one by one: the model's own `_no_split_modules` (e.g.
+    LlamaDecoderLayer, GPT2Block, GPTNeoXLayer; Gemma-3's text and vision layers), read from a copy
+    built on the meta device, so no weight is loaded or allocated."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     from finetune.models.loading import load_config
 
     try:
         config = load_config(recipe)
+        auto = AutoModelForSequenceClassification if recipe.trainer.type == "reward" else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     except Exception:  # noqa: BLE001 - config unreachable offline: accelerate's default policy then
         return None
-    arch = (config.architectures or [f"{config.model_type.capitalize()}ForCausalLM"])[0]
-    return arch.replace("ForCausalLM", "DecoderLayer")
+    present = {type(m).__name__ for m in model.modules()}
+    # Composite models (vision + text) declare their blocks on the sub-models; accelerate refuses
+    # a class name that is not in the model, so only classes present are listed.
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    return sorted(names & present) or None
 
 
-def accelerate_config(recipe: Recipe) -> dict:
+def deepspeed_config(recipe: Recipe) -> dict:
+    """The DeepSpeed JSON for zero2/zero3. accelerate leaves the micro batch "auto" and fills it
+    only from a DataLoader passed to prepare() (ours are not), so every batch key is explicit; the
+    engine accumulates grad_accum micro-batches and clips at the boundary (engine.py hands it both)."""
+    from finetune.train.engine import resolve_precision
+
+    precision = resolve_precision(recipe)
+    stage = int(recipe.launch.strategy[-1])
+    zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # final/ holds the full weights
+    return {
+        "train_micro_batch_size_per_gpu": recipe.run.micro_batch_size,
+        "gradient_accumulation_steps": recipe.run.grad_accum,
+        "gradient_clipping": recipe.optim.max_grad_norm or 0.0,  # 0: no clipping
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def accelerate_config(recipe: Recipe, deepspeed_file: Path | None = None) -> dict:
     """The accelerate config for the recipe's launch section (written next to the run)."""
     la = recipe.launch
     host, _, port = (la.master or "127.0.0.1:29500").rpartition(":")
@@ -205,22 +266,22 @@ def accelerate_config(recipe: Recipe) -> dict:
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_reshard_after_forward": True,
             "fsdp_state_dict_type": "FULL_STATE_DICT" if la.fsdp_state_dict == "full" else "SHARDED_STATE_DICT",
-            "fsdp_cpu_ram_efficient_loading": False,
+            # Rank 0 alone reads the weights (the others hold empty tensors) and they are
+            # broadcast at prepare(): host RAM holds one fp32 copy per node, not one per GPU.
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_sync_module_states": True,  # accelerate launch requires it with the line above
             "fsdp_activation_checkpointing": False,
         }
-        layer = decoder_layer_class(recipe)
-        if layer:
-            config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = layer
+        layers = wrap_classes(recipe)
+        if layers:
+            config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = ",".join(layers)
     elif la.strategy in ("zero2", "zero3"):
         config["distributed_type"] = "DEEPSPEED"
+        # With a DeepSpeed file accelerate refuses a mixed_precision key (the file's bf16/fp16 decide).
+        del config["mixed_precision"]
         config["deepspeed_config"] = {
-            "zero_stage": int(la.strategy[-1]),
-            "gradient_accumulation_steps": 1,  # the engine accumulates itself
-            "gradient_clipping": recipe.optim.max_grad_norm or 0.0,
-            "offload_optimizer_device": "none",
-            "offload_param_device": "none",
+            "deepspeed_config_file": str(deepspeed_file or "deepspeed_config.json"),
             "zero3_init_flag": False,
-            "zero3_save_16bit_model": True,
         }
     return config
 
@@ -233,6 +294,7 @@ def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
     import torch
 
     la = recipe.launch
+    check_strategy(recipe)
     if la.nnodes > 1 and not la.master:
         raise RecipeError("launch.master: nnodes > 1 needs the address of node 0 as host:port (--master)")
     if la.node_rank >= la.nnodes:
@@ -279,7 +341,11 @@ def launch_processes(recipe_path: str, overrides: list[str], recipe: Recipe, gpu
     # One file per node: nodes sharing a file system must not overwrite each other's machine_rank.
     suffix = f"-node{recipe.launch.node_rank}" if recipe.launch.nnodes > 1 else ""
     config_path = out / f"accelerate_config{suffix}.yaml"
-    config_path.write_text(yaml.safe_dump(accelerate_config(recipe), sort_keys=False))
+    ds_path = None
+    if recipe.launch.strategy in ("zero2", "zero3"):
+        ds_path = out / f"deepspeed_config{suffix}.json"
+        ds_path.write_text(json.dumps(deepspeed_config(recipe), indent=2))
+    config_path.write_text(yaml.safe_dump(accelerate_config(recipe, ds_path), sort_keys=False))
     la = recipe.launch
     info(f"launching {la.num_processes} process(es) x {la.nnodes} node(s), strategy {la.strategy}; "
          f"accelerate config: {config_path}")

@@ -142,6 +142,18 @@ def use_recipe_lr(lr: float, optimizer, scheduler) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+def start_process():
+    """The process group and this rank's device, set before any weight or CUDA tensor exists.
+
+    Every trainer calls it first: a model, a bitsandbytes probe or a CUDA context created before
+    accelerate sets the device lands on GPU 0, once per rank. cpu=True where there is no CUDA, as
+    in train() (accelerate otherwise ignores a torchrun process group on the CPU).
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: Path | None = None) -> Path:
     """Runs the supervised loop to the end; returns <output_dir>/final."""
     from accelerate import Accelerator
@@ -210,7 +222,8 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
     finally:
         stop.close()
         logger.close()
-    if run.sample_prompts and accelerator.is_main_process:
+    if run.sample_prompts:
+        # Every rank generates (a sharded model's forward is collective); rank 0 prints.
         print_samples(accelerator.unwrap_model(model), task.tokenizer, run.sample_prompts,
                       run.sample_max_new_tokens)
     accelerator.end_training()
@@ -242,7 +255,8 @@ class _Loop:
         micro = [_next_batch(self.task, self.stream, state, acc.device) for _ in range(run.grad_accum)]
         try:
             accumulate_gradients(acc, self.model, self.task, micro, self.window, state["step"] + 1)
-            # Clipping also yields the global gradient norm the numeric guard reads (inf = no clip).
+            # Clipping also yields the global gradient norm the numeric guard reads (inf = no clip);
+            # under DeepSpeed the engine clipped already and this is its norm, a float.
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm or float("inf"))
         except torch.cuda.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
@@ -258,6 +272,10 @@ class _Loop:
             self.guard.check_limit(state["step"] + 1, ids, self.scheduler.get_last_lr()[0], run.precision)
             return
         self.optimizer.step()
+        # Under DeepSpeed the engine stepped inside backward (optimizer.step is a no-op); this
+        # schedule then sets the lr of the optimizer the engine wraps, once per optimizer step:
+        # accelerate hands the engine only DeepSpeed's own schedule classes, and its
+        # AcceleratedScheduler would step num_processes times per step.
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
@@ -303,16 +321,33 @@ def accumulate_gradients(accelerator, model, task: SupervisedTask, micro: list[B
     step_tokens = _global_sum(accelerator, sum(task.count_tokens(b) for b in micro))
     if step_tokens == 0:
         raise DataError(f"step {step}: no trained tokens in the whole optimizer step")
-    for i, batch in enumerate(micro):
-        # DDP all-reduces gradients only on the last micro-batch of the step.
-        sync = i == len(micro) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss_sum = task.loss_sum(model, batch)
-            # DDP averages over ranks; x num_processes turns that into the global token mean.
-            accelerator.backward(loss_sum * accelerator.num_processes / step_tokens)
-        if window is not None:
-            window.add(loss_sum.detach(), task.count_tokens(batch), batch.num_tokens)
+    deepspeed = engine_steps_in_backward(accelerator)
+    # Under DeepSpeed the engine accumulates, clips and steps inside the backward of the step's
+    # last micro-batch (accelerate reads sync_gradients as that boundary); the loss here is the
+    # step's token mean already, so the engine must not divide it by gradient_accumulation_steps.
+    kwargs = {"scale_wrt_gas": False} if deepspeed else {}
+    try:
+        for i, batch in enumerate(micro):
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            sync = i == len(micro) - 1
+            if deepspeed:
+                accelerator.gradient_state._set_sync_gradients(sync)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss_sum = task.loss_sum(model, batch)
+                # DDP averages over ranks; x num_processes turns that into the global token mean.
+                accelerator.backward(loss_sum * accelerator.num_processes / step_tokens, **kwargs)
+            if window is not None:
+                window.add(loss_sum.detach(), task.count_tokens(batch), batch.num_tokens)
+    finally:
+        if deepspeed:
+            accelerator.gradient_state._set_sync_gradients(True)
     return step_tokens
+
+
+def engine_steps_in_backward(accelerator) -> bool:
+    """DeepSpeed: the optimizer step, clipping and zero_grad happen in accelerator.backward (the
+    optimizer's step/zero_grad are no-ops there; DeepSpeed skips a non-finite step itself)."""
+    return getattr(accelerator.distributed_type, "value", "") == "DEEPSPEED"
 
 
 def _next_batch(task: SupervisedTask, stream: MicroBatchStream, state: dict, device) -> Batch:
@@ -378,14 +413,18 @@ def _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, s
 def evaluate(recipe: Recipe, task: SupervisedTask, model, accelerator) -> dict:
     """Held-out token-mean loss (and perplexity) over all ranks, plus the trainer's extras."""
     model.eval()
-    units = list(task.eval_units)[accelerator.process_index::accelerator.num_processes]
-    mbs = recipe.run.micro_batch_size
+    units = list(task.eval_units)
+    collate = task.eval_collate or task.collate
     loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     trained = 0
-    for n, start in enumerate(range(0, len(units), mbs)):
-        if recipe.run.eval_batches and n >= recipe.run.eval_batches:
-            break
-        batch = (task.eval_collate or task.collate)(units[start:start + mbs]).to(accelerator.device)
+    for idx in eval_batches(len(units), recipe.run.micro_batch_size, accelerator.num_processes,
+                            accelerator.process_index, recipe.run.eval_batches):
+        if not idx:
+            # This rank's share of the last batch is empty: a forward on a stand-in row, its loss
+            # dropped, keeps every rank's forward passes (FSDP's/ZeRO-3's all-gathers) paired.
+            task.loss_sum(model, collate(units[:1]).to(accelerator.device))
+            continue
+        batch = collate([units[i] for i in idx]).to(accelerator.device)
         loss += task.loss_sum(model, batch).double()
         trained += task.count_tokens(batch)
     total = float(_global_sum(accelerator, loss)) / max(_global_sum(accelerator, trained), 1)
@@ -393,6 +432,23 @@ def evaluate(recipe: Recipe, task: SupervisedTask, model, accelerator) -> dict:
     if task.evaluate_extra is not None:
         result.update(task.evaluate_extra(accelerator.unwrap_model(model)))
     return result
+
+
+def eval_batches(n_units: int, micro_batch_size: int, world: int, rank: int,
+                 limit: int | None = None) -> list[list[int]]:
+    """This rank's eval batches (unit indices), the same count on every rank.
+
+    Global batch b holds units [b*m*w, (b+1)*m*w) with m = micro_batch_size, w = world; rank r
+    takes its r-th slice of m units. In the last global batch a slice may be short or empty ([]):
+    the caller still runs one forward for it, so sharded models' collectives never wait on a rank
+    that has finished. `limit` caps the batches per rank (run.eval_batches).
+    """
+    per_global = micro_batch_size * world
+    count = math.ceil(n_units / per_global)
+    if limit:
+        count = min(count, limit)
+    start = lambda b: min(n_units, b * per_global + rank * micro_batch_size)  # noqa: E731
+    return [list(range(start(b), min(n_units, start(b) + micro_batch_size))) for b in range(count)]
 
 
 def save_final(accelerator, model, tokenizer, out: Path) -> Path:

@@ -82,10 +82,11 @@ class NumericGuard:
         self.consecutive = 0
         self.skipped = 0
 
-    def step_is_finite(self, grad_norm: torch.Tensor | None) -> bool:
+    def step_is_finite(self, grad_norm: torch.Tensor | float | None) -> bool:
         if not self.active or grad_norm is None:
             return True
-        if bool(torch.isfinite(grad_norm)):
+        # A tensor from torch's clipping; a float from DeepSpeed's engine (accelerate returns its norm).
+        if bool(torch.isfinite(torch.as_tensor(grad_norm))):
             self.consecutive = 0
             return True
         self.consecutive += 1

@@ -300,6 +300,7 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
     from accelerate.utils import ProjectConfiguration
 
     out, run, cfg, n = Path(recipe.run.output_dir), recipe.run, recipe.trainer.ppo, recipe.trainer.sampling.n
+    engine.start_process()  # this rank's device before any weight
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=engine.resolve_precision(recipe),
                               log_with=run.report_to or None,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))

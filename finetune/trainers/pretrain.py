@@ -91,6 +91,7 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, info_=None) -> Plan:
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
     from finetune.models.loading import load_model
 
+    engine.start_process()  # this rank's device before any weight (QLoRA loads onto it)
     prepared = prepare(recipe, resume_from)
     model, model_info = load_model(recipe, prepared.tokenizer)
     for line in plan(recipe, prepared, model_info).lines(recipe, num_processes):

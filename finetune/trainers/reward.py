@@ -175,6 +175,7 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
     from finetune.models.reward_model import load_reward_model
 
+    engine.start_process()  # this rank's device before any weight (QLoRA loads onto it)
     prepared = prepare(recipe, resume_from)
     model, model_info = load_reward_model(recipe, prepared.tokenizer)
     for line in plan(recipe, prepared, model_info).lines(recipe, num_processes):

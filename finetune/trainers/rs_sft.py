@@ -109,6 +109,7 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
     from accelerate import PartialState
 
+    engine.start_process()  # this rank's device before any weight
     prepared = prepare(recipe)
     out = Path(recipe.run.output_dir)
     main = PartialState().is_main_process

@@ -127,6 +127,7 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
     from finetune.train import fastpath
     from finetune.train.attention import enable_packed_attention
 
+    engine.start_process()  # this rank's device before any weight (QLoRA loads onto it)
     prepared = prepare(recipe, resume_from)
     model, model_info = load_model(recipe, prepared.tokenizer)
     if recipe.data.packing or recipe.data.padding_free:
