@@ -220,3 +220,79 @@ def read_losses(out):
     import json
 
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def packed_batches(lengths_per_batch, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lengths in lengths_per_batch:
+        samples = []
+        for n in lengths:
+            ids = torch.randint(3, 97, (n,), generator=g).tolist()
+            samples.append({"input_ids": ids, "labels": ids})
+        out.append(fastpath.wrap_collate(collate_flat, pin=False)(samples))
+    return out
+
+
+def test_compiled_checkpointed_layers_trace_whole_across_packed_lengths():
+    """With activation checkpointing, one graph break inside a layer (the old offsets check on the
+    CPU) made dynamo give up on the whole checkpointed layer: nothing compiled, silently. Now: no
+    graph break, one recompile when the length first changes (then dynamic), eager's numbers."""
+    from torch._dynamo.utils import counters
+
+    def run(compiled: bool):
+        model = tiny_model(num_hidden_layers=1)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        enable_packed_attention(model)
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            fastpath.compile_layers(model, backend="eager")
+        return [loss_and_grads(model, fastpath.plain_loss_sum, b) for b in
+                packed_batches([(9, 5, 12), (7, 20), (3, 4, 6, 11, 2)])]
+
+    eager = run(False)
+    compiled = run(True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1  # the layer was compiled at all
+    assert counters["frames"]["total"] <= 2  # three lengths: static, then one dynamic recompile
+    torch._dynamo.reset()
+    for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+        for name, g in grads_e.items():
+            torch.testing.assert_close(grads_c[name], g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (inductor's GPU kernels)")
+def test_inductor_compiles_checkpointed_packed_layers_on_gpu():
+    """run.compile as a GPU run has it: inductor, bf16 autocast over fp32 weights, activation
+    checkpointing, the flash varlen kernel, three packed lengths. No graph break, at most two
+    recompiles (length, then the sample count, become dynamic), eager's loss within bf16 noise."""
+    from torch._dynamo.utils import counters
+
+    def run(compiled: bool):
+        model = tiny_model(num_hidden_layers=1, hidden_size=128, intermediate_size=256).cuda()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        enable_packed_attention(model)
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            fastpath.compile_layers(model)
+        out = []
+        for b in packed_batches([(90, 50, 120), (70, 200), (30, 40, 60, 110, 20)]):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out.append(loss_and_grads(model, fastpath.plain_loss_sum, b.to("cuda")))
+        return out
+
+    eager = run(False)
+    compiled = run(True)
+    print("dynamo counters:", {k: dict(v) for k, v in counters.items() if k in ("frames", "stats", "graph_break")})
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert counters["frames"]["total"] <= 3
+    torch._dynamo.reset()
+    for (loss_e, _), (loss_c, _) in zip(eager, compiled, strict=True):
+        assert float(loss_c) == pytest.approx(float(loss_e), rel=2e-2)

@@ -50,7 +50,7 @@ def add_model_arguments(parser) -> None:
                              "a checkpoint dir or a Hub id")
     parser.add_argument("--base", metavar="PATH_OR_ID", help="base model for an adapter (default: the one it records)")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                        help="weights dtype (auto: bf16 on a GPU that supports it, else fp32)")
+                        help="weights dtype (auto: bf16 on Ampere+ GPUs, fp16 on older GPUs, fp32 on the CPU)")
 
 
 def add_decoding_arguments(parser, temperature: float | None = 0.0, max_new_tokens: int = 256) -> None:

@@ -209,17 +209,20 @@ def load_tokenizer(ref: ModelRef, need_template: bool = True):
 
 
 def load_model(ref: ModelRef, tokenizer, dtype: str = "auto", device: str | None = None):
-    """The causal LM in eval mode: bf16 on a GPU that has it (dtype auto), else fp32."""
+    """The causal LM in eval mode; dtype auto: the GPU's native 16-bit dtype (bf16, fp16 before
+    Ampere), fp32 on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from finetune.models.precision import inference_dtype
+
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise in a CLI
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if bf16 else "float32"
-    torch_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype))
+        torch_dtype = inference_dtype(device)
+    else:
+        torch_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype))
     source = ref.base if ref.kind == "adapter" else ref.path
     try:  # safetensors only, as in training: pickled .bin weights can run code when loaded
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True)

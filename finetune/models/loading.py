@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from finetune.errors import RecipeError, UserError
+from finetune.models.precision import mixed_precision
 from finetune.recipe.schema import Recipe
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -32,13 +33,19 @@ class ModelInfo:
 
 
 def weight_dtype(recipe: Recipe) -> torch.dtype:
-    """`auto`: fp32 master weights for full fine-tuning (mixed precision autocasts the maths),
-    bf16 for a frozen base under an adapter on a GPU that supports it (the base never steps)."""
+    """`auto`: fp32 master weights for full fine-tuning (mixed precision autocasts the maths); a
+    frozen base under an adapter on a GPU is stored in the run's 16-bit precision (bf16, or fp16 on
+    GPUs without native bf16; the base never steps), fp32 when the run computes in fp32."""
     if recipe.model.dtype != "auto":
         return DTYPES[recipe.model.dtype]
-    if recipe.adapter is not None and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if recipe.adapter is not None and torch.cuda.is_available():
+        return run_half_dtype(recipe) or torch.float32
     return torch.float32
+
+
+def run_half_dtype(recipe: Recipe) -> torch.dtype | None:
+    """The 16-bit dtype the run's autocast computes in (run.precision, auto resolved), or None (fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(recipe.run.precision))
 
 
 def load_config(recipe: Recipe, tokenizer=None) -> PretrainedConfig:
@@ -133,13 +140,13 @@ BNB_MIN_VERSION = "0.46.1"
 
 
 def quant_compute_dtype(recipe: Recipe) -> torch.dtype:
-    """The dtype bitsandbytes computes in: an explicit model.dtype, else bf16 on a GPU that has it,
-    fp16 on older GPUs, fp32 on the CPU (where bf16 matmuls are slow and the 4-bit path exists
-    for tests and smoke runs)."""
+    """The dtype bitsandbytes computes in: an explicit model.dtype, else on a GPU the run's autocast
+    dtype (bf16 natively, fp16 on older GPUs, fp32 for precision fp32), fp32 on the CPU (where bf16
+    matmuls are slow and the 4-bit path exists for tests and smoke runs)."""
     if recipe.model.dtype in ("bfloat16", "float16"):
         return DTYPES[recipe.model.dtype]
     if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return run_half_dtype(recipe) or torch.float32
     return torch.float32
 
 
@@ -334,6 +341,12 @@ def add_adapter(model: torch.nn.Module, recipe: Recipe, new_token_ids: list[int]
     except ValueError as e:
         raise RecipeError(f"adapter: {_first_line(e)}; the model's linear layers are: "
                           f"{', '.join(linear_layer_names(model))}") from None
+    # peft keeps LoRA weights in fp32 but copies modules_to_save in the base's dtype; an fp16 base
+    # (GPUs without native bf16) would then train fp16 parameters, which the fp16 loss scaler
+    # refuses to unscale. Trained weights stay fp32; autocast computes in fp16.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            param.data = param.data.float()
     peft_model.adapter_setup = AdapterSetup(targets, new_ids, how, token_layers if how else [], quantized)
     return peft_model
 

@@ -44,6 +44,7 @@ from finetune.models.loading import (
     resolve_target_modules,
     weight_dtype,
 )
+from finetune.models.precision import inference_dtype
 from finetune.recipe.schema import Recipe
 
 
@@ -260,11 +261,10 @@ def _add_reward_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Modu
 
 def load_trained_reward_model(path: str | Path, device=None) -> torch.nn.Module:
     """A reward model written by trainer.type reward (full weights or a SEQ_CLS adapter), in eval
-    mode: bf16 on a GPU that supports it, else fp32."""
+    mode: the GPU's native 16-bit dtype (bf16, fp16 before Ampere), fp32 on the CPU."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = inference_dtype(device)
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForSequenceClassification

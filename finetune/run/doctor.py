@@ -17,6 +17,8 @@ def _version(name: str) -> str:
 def report(strategy: str | None = None) -> list[str]:
     import torch
 
+    from finetune.models.precision import auto_precision
+
     lines = [f"python        {platform.python_version()} ({platform.machine()}, {platform.system()})"]
     for pkg in ("finetune", "torch", "transformers", "accelerate", "peft", "trl", "datasets", "bitsandbytes",
                 "deepspeed", "liger-kernel"):
@@ -29,7 +31,7 @@ def report(strategy: str | None = None) -> list[str]:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             lines.append(f"gpu {i}         {p.name}, {p.total_memory / 2**30:.1f} GiB, "
-                         f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+                         f"sm {p.major}.{p.minor}, precision auto: {auto_precision(i)}")
     else:
         lines.append(f"cpu           {os.cpu_count()} cores; multi-process runs use gloo")
     lines.append(f"distributed   {'available' if torch.distributed.is_available() else 'unavailable'}; "

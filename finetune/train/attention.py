@@ -17,11 +17,15 @@ How it plugs into transformers 5 (read from 5.23's source):
 - ``model.set_attn_implementation(name)`` accepts any registered name and sets it on the config
   and all sub-configs.
 
-Kernels: on CUDA in bf16/fp16, PyTorch's own FlashAttention varlen kernel
+Kernels: on CUDA (sm80+) in bf16/fp16, PyTorch's own FlashAttention varlen kernel
 ``torch.nn.attention.varlen.varlen_attn`` (no flash-attn package). Its signature changed between
 torch releases (2.11 has no ``enable_gqa``: KV heads are repeated; ``window_size`` may be missing:
-sliding windows then use the fallback), so it is read with ``inspect``. Elsewhere (CPU, fp32,
-attention dropout) SDPA with a block-diagonal causal mask built from the sequence offsets.
+sliding windows then use the fallback), so it is read with ``inspect``. Under autocast q, k and v
+are cast to autocast's dtype first: with fp32 master weights the rotary multiply promotes q and k
+back to fp32, and after QLoRA's k-bit preparation all three arrive in fp32, which would leave the
+flash kernel. Elsewhere (CPU, fp32, pre-Ampere GPUs, attention dropout) SDPA once per sample
+(O(sum of squared sample lengths), no T x T mask); inside torch.compile, where per-sample shapes
+would break the graph, one SDPA call with a block-diagonal bool mask.
 Not supported in the packed path: attention logit softcapping (Gemma 2) and attention sinks
 (gpt-oss): they raise, use padded batches for those models.
 """
@@ -36,6 +40,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+from finetune.models.precision import flash_capable
 
 ATTENTION_NAME = "finetune_varlen"
 
@@ -63,50 +69,78 @@ def cu_seq_lens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([offsets, end]).to(torch.int32)
 
 
-def _segments(query, cu_seq_lens_q, max_length_q, position_ids) -> tuple[torch.Tensor, int]:
-    """Sample offsets over the flattened tokens and the longest sample, from what the model got."""
+def _segments(query, cu_seq_lens_q, position_ids) -> torch.Tensor:
+    """Sample offsets over the flattened tokens, from what the model got."""
     batch, _, time, _ = query.shape
     if cu_seq_lens_q is not None:
         cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
-        # Checking costs a device sync per layer on CUDA; on CPU it is free and catches misuse.
-        if not query.is_cuda and int(cu[-1]) != batch * time:
+        # Checking costs a device sync per layer on CUDA, and a graph break inside a compiled
+        # layer (which, under activation checkpointing, leaves the whole layer uncompiled).
+        if not query.is_cuda and not torch.compiler.is_compiling() and int(cu[-1]) != batch * time:
             raise ValueError(f"cu_seq_lens end at {int(cu[-1])} but the batch holds {batch * time} tokens")
     elif position_ids is not None:
         cu = cu_seq_lens_from_position_ids(position_ids.expand(batch, time).to(query.device))
     else:
         cu = torch.arange(0, batch * time + 1, time, device=query.device, dtype=torch.int32)
-    if max_length_q is None:
-        max_length_q = cu.diff().max()
-    return cu, int(max_length_q)
+    return cu
 
 
-def _block_mask(cu: torch.Tensor, n: int, causal: bool, window: int | None) -> torch.Tensor:
-    """(n, n) bool: True where query i may attend key j (same sample, causal, inside the window)."""
-    sample = torch.repeat_interleave(
-        torch.arange(len(cu) - 1, device=cu.device), cu.diff().long(), output_size=n
-    )
-    allowed = sample[:, None] == sample[None, :]
-    pos = torch.arange(n, device=cu.device)
-    distance = pos[:, None] - pos[None, :]
+def _window_mask(allowed: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
+    """``allowed`` (bool, query x key) restricted to causal and to the sliding window (transformers'
+    sliding_window_overlay: kv_idx > q_idx - window), with triangles: no distance matrix."""
     if causal:
-        allowed &= distance >= 0
+        allowed = allowed.tril()
     if window is not None:
-        # transformers' sliding_window_overlay: kv_idx > q_idx - window
-        allowed &= distance.abs() < window
+        allowed = allowed.triu(-(window - 1))
+        if not causal:
+            allowed = allowed.tril(window - 1)
     return allowed
 
 
-def _masked_sdpa(query, key, value, cu, causal, window, dropout, scaling) -> torch.Tensor:
-    """Fallback: every token of the batch in one SDPA call with a block-diagonal mask."""
+def _flat_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, time, d) -> (1, heads, batch * time, d)"""
+    batch, heads, time, dim = t.shape
+    return t.transpose(0, 1).reshape(1, heads, batch * time, dim)
+
+
+def _per_sample_sdpa(query, key, value, cu, causal, window, dropout, scaling) -> torch.Tensor:
+    """Fallback: one SDPA call per sample. No (tokens x tokens) tensor, and each sample's cost
+    is its own length squared (one call over the whole row with a block-diagonal mask spends
+    the row length squared, and SDPA expands a bool mask to a float one of that size)."""
     batch, heads, time, _ = query.shape
+    q, k, v = _flat_tokens(query), _flat_tokens(key), _flat_tokens(value)
+    gqa = heads != k.shape[1]
+    if gqa and q.is_cuda:  # CUDA's memory-efficient kernel (fp32, pre-Ampere) takes no enable_gqa
+        k, v = k.repeat_interleave(heads // k.shape[1], dim=1), v.repeat_interleave(heads // v.shape[1], dim=1)
+        gqa = False
+    lengths = cu.diff().tolist()  # a device sync per layer on CUDA: this is the slow path already
+    outs = []
+    for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True):
+        n = qs.shape[2]
+        if n == 0:
+            continue
+        mask = None
+        if window is not None and window < n:
+            mask = _window_mask(torch.ones(n, n, dtype=torch.bool, device=q.device), causal, window)
+        outs.append(F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None, scale=scaling,
+            enable_gqa=gqa,
+        ))
+    out = torch.cat(outs, dim=2)
+    return out.reshape(heads, batch, time, -1).permute(1, 2, 0, 3)
 
-    def flat(t):  # (batch, heads, time, d) -> (1, heads, batch * time, d)
-        return t.transpose(0, 1).reshape(1, t.shape[1], batch * time, t.shape[-1])
 
-    mask = _block_mask(cu, batch * time, causal, window)
+def _block_mask_sdpa(query, key, value, cu, causal, window, dropout, scaling) -> torch.Tensor:
+    """Fallback inside torch.compile: every token in one SDPA call with a block-diagonal bool mask
+    from int32 sample ids (traceable: no host copy of the offsets, shapes do not follow the data)."""
+    batch, heads, time, _ = query.shape
+    n = batch * time
+    pos = torch.arange(n, device=query.device, dtype=torch.int32)
+    sample = torch.searchsorted(cu, pos, right=True, out_int32=True)
+    mask = _window_mask(sample[:, None] == sample[None, :], causal, window)
     out = F.scaled_dot_product_attention(
-        flat(query), flat(key), flat(value), attn_mask=mask, dropout_p=dropout, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
+        _flat_tokens(query), _flat_tokens(key), _flat_tokens(value), attn_mask=mask, dropout_p=dropout,
+        scale=scaling, enable_gqa=heads != key.shape[1],
     )
     return out.reshape(heads, batch, time, -1).permute(1, 2, 0, 3)
 
@@ -136,14 +170,26 @@ def _flash_varlen(query, key, value, cu, max_len, causal, window, scaling) -> to
     return out.reshape(batch, time, heads, -1)
 
 
-def _can_use_flash(query, value, dropout, window) -> bool:
+def _kernel_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype q, k and v meet the kernel in: autocast's while it is on (what SDPA would cast
+    them to itself), else the query's."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
+
+
+def _can_use_flash(device: torch.device, dtype: torch.dtype, head_dim: int, dropout: float,
+                   window: int | None) -> bool:
+    """Whether the FlashAttention varlen kernel takes this call (else the SDPA fallback)."""
     kernel, params = _varlen_kernel()
     return (
         kernel is not None
-        and query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
+        and device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and flash_capable(device)  # sm80+: on a V100 / T4 the kernel raises "Ampere or newer"
         and dropout == 0.0  # the varlen kernel has no dropout
-        and max(query.shape[-1], value.shape[-1]) <= 256
+        and head_dim <= 256
         and (window is None or "window_size" in params)
     )
 
@@ -174,11 +220,17 @@ def packed_attention_forward(
         raise ValueError(f"{ATTENTION_NAME} supports neither attention softcapping nor sinks; "
                          "train this model with padded batches (packing off)")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    cu, max_len = _segments(query, cu_seq_lens_q, max_length_q, position_ids)
-    if _can_use_flash(query, value, dropout, sliding_window):
+    cu = _segments(query, cu_seq_lens_q, position_ids)
+    dtype = _kernel_dtype(query)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    head_dim = max(query.shape[-1], value.shape[-1])
+    if _can_use_flash(query.device, dtype, head_dim, dropout, sliding_window):
+        max_len = int(max_length_q) if max_length_q is not None else int(cu.diff().max())
         out = _flash_varlen(query, key, value, cu, max_len, causal, sliding_window, scaling)
+    elif torch.compiler.is_compiling():
+        out = _block_mask_sdpa(query, key, value, cu, causal, sliding_window, dropout, scaling)
     else:
-        out = _masked_sdpa(query, key, value, cu, causal, sliding_window, dropout, scaling)
+        out = _per_sample_sdpa(query, key, value, cu, causal, sliding_window, dropout, scaling)
     return out.contiguous(), None
 
 

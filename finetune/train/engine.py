@@ -28,6 +28,7 @@ import torch
 
 from finetune.console import info
 from finetune.errors import DataError, RecipeError
+from finetune.models.precision import mixed_precision
 from finetune.recipe.schema import Recipe, write_recipe
 from finetune.train import checkpoint
 from finetune.train.collate import Batch
@@ -94,11 +95,9 @@ def total_steps(recipe: Recipe, stream: MicroBatchStream) -> int:
 
 
 def resolve_precision(recipe: Recipe) -> str:
-    """accelerate's mixed_precision value; `auto` is bf16 where the GPU supports it, else fp32."""
-    p = recipe.run.precision
-    if p == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no"}.get(p, p)
+    """accelerate's mixed_precision value; `auto` is bf16 on a GPU that computes it natively, fp16
+    (with accelerate's loss scaler) on older GPUs, else fp32 (finetune.models.precision)."""
+    return mixed_precision(recipe.run.precision)
 
 
 _MOVE_FIRST = ("NO", "MULTI_GPU", "MULTI_CPU")  # DistributedType values where prepare() only moves the model

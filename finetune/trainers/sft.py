@@ -7,7 +7,7 @@ it, so the model learns to stop) are trained with next-token cross-entropy, the 
 The loss is the token mean over the whole optimizer step, across accumulation and ranks.
 Batches are padding-free: a micro-batch's samples are concatenated into one row with position
 ids restarting per sample and attention that never crosses samples (varlen FlashAttention on
-GPU, a block-diagonal mask on CPU). `data.packing: true` first bin-packs samples into rows of
+GPU, SDPA per sample on CPU). `data.packing: true` first bin-packs samples into rows of
 `tokenizer.max_length` (best-fit decreasing). Held-out metrics: token loss, and greedy
 exact-match of the last assistant turn on the eval conversations.
 
