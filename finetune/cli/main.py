@@ -122,8 +122,13 @@ def cmd_launch(args) -> int:
     node_rank = args.node_rank
     if node_rank is None and args.nnodes and args.nnodes > 1:
         # Under SLURM (srun) or a launcher that exports NODE_RANK, each node knows its own rank.
-        env = os.environ.get("SLURM_NODEID") or os.environ.get("NODE_RANK")
-        node_rank = int(env) if env and env.isdigit() else None
+        var = next((v for v in ("SLURM_NODEID", "NODE_RANK") if os.environ.get(v)), None)
+        if var is not None:
+            # A rank read wrongly would make two nodes claim the same rank and hang the rendezvous.
+            if not os.environ[var].isdigit():
+                raise UsageError(f"${var}={os.environ[var]!r} is not a node rank (0..nnodes-1); "
+                                 "give --node-rank")
+            node_rank = int(os.environ[var])
     flags = {"num_processes": args.gpus if args.gpus is not None else args.num_processes,
              "nnodes": args.nnodes, "node_rank": node_rank, "master": args.master, "strategy": args.strategy}
     overrides = list(args.overrides) + [f"launch.{k}={v}" for k, v in flags.items() if v is not None]
