@@ -89,14 +89,14 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from finetune.recipe.schema import load_recipe
-    from finetune.run.launch import run_recipe
+    from finetune.run.launch import end_process_group, run_recipe
     from finetune.run.pipeline import is_pipeline, run_pipeline
 
     if is_pipeline(args.recipe):
         run_pipeline(args.recipe, args.overrides, dry_run=args.dry_run)
-        return 0
-    recipe = load_recipe(args.recipe, args.overrides)
-    run_recipe(recipe, dry_run=args.dry_run)
+    else:
+        run_recipe(load_recipe(args.recipe, args.overrides), dry_run=args.dry_run)
+    end_process_group()
     return 0
 
 

@@ -201,7 +201,10 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
     if run.sample_prompts and accelerator.is_main_process:
         print_samples(accelerator.unwrap_model(model), task.tokenizer, run.sample_prompts,
                       run.sample_max_new_tokens)
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also ends the process group, which a caller may still
+    # need (rs_sft samples and evaluates across ranks after each round's SFT); run_recipe ends it.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     release_accelerator()
     return final
 
@@ -269,6 +272,16 @@ def _preempt(loop: _Loop, state: dict, signal_name: str) -> None:
          "rerun the same command to resume", loop.accelerator)
     raise Preempted(f"preempted by {signal_name} after step {state['step']}: checkpoint {path} written; "
                     "rerun the same command to resume")
+
+
+def process_state():
+    """accelerate's process group as the engine's Accelerator sees it. cpu=True without CUDA: else
+    accelerate ignores a torchrun/accelerate process group of CPU processes, and each process,
+    its own rank 0, samples every prompt and writes every file (PartialState is a singleton: the
+    first construction decides for the whole process)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def release_accelerator() -> None:

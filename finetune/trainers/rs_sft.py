@@ -106,11 +106,9 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
 
 
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
-    from accelerate import PartialState
-
     prepared = prepare(recipe)
     out = Path(recipe.run.output_dir)
-    main = PartialState().is_main_process
+    main = engine.process_state().is_main_process
     if main:
         start_run_dir(recipe, out)
     for line in plan(recipe, prepared).lines(recipe, num_processes):
@@ -123,7 +121,7 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
             logger.close()
     if main:
         publish(last, out / "final")
-    PartialState().wait_for_everyone()
+    engine.process_state().wait_for_everyone()
     return out / "final"
 
 
@@ -144,8 +142,6 @@ def round_recipe(recipe: Recipe, r: int, init: Path | None, samples_file: Path) 
 
 def load_policy(recipe: Recipe, tokenizer, weights: Path | None):
     """model.name (weights None) or a round's final/: a full model, or base + that round's adapter."""
-    from accelerate import PartialState
-
     from finetune.models.loading import load_model
 
     source = recipe
@@ -156,7 +152,7 @@ def load_policy(recipe: Recipe, tokenizer, weights: Path | None):
     if recipe.adapter is not None and weights is not None:
         checkpoint.load_weights(model, weights)  # the adapter trained so far, on a fresh one
     if getattr(model, "hf_device_map", None) is None:  # quantized models are placed when loaded
-        model.to(PartialState().device)
+        model.to(engine.process_state().device)
     return model
 
 
@@ -174,12 +170,10 @@ class RoundRunner:
     it samples, then trains when the round continues from it)."""
 
     def __init__(self, recipe: Recipe, prepared: Prepared, out: Path, logger: MetricsLogger | None) -> None:
-        from accelerate import PartialState
-
         self.recipe, self.p, self.out, self.logger = recipe, prepared, out, logger
         self.rej = recipe.trainer.rejection
         self.rule = SelectionRule.from_recipe(self.rej)
-        self.state = PartialState()
+        self.state = engine.process_state()
         self._model, self._weights = None, "nothing loaded"
 
     def run(self) -> Path:
