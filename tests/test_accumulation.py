@@ -24,6 +24,7 @@ def train(tmp, model_dir, name: str, micro_batch_size: int, grad_accum: int):
     data = tiny_sft_recipe(tmp, model_dir, max_steps=2, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                            output_dir=str(tmp / name))
     del data["data"]["eval"]  # no held-out generation: only the steps are compared
+    data["data"]["train"][0]["max_samples"] = 16  # the two steps' sequences
     # Adam with eps far above the gradients steps ~lr*g/eps: a wrongly scaled or weighted gradient
     # shows in the weights (with eps 1e-8 Adam's first steps are ~lr*sign(g), blind to scale).
     data["optim"].update(lr=0.5, eps=10.0, max_grad_norm=None, scheduler="constant")
