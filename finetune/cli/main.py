@@ -133,14 +133,14 @@ def peer_flag_hints(stray: list[str]) -> list[str]:
 
 def cmd_run(args) -> int:
     from finetune.recipe.schema import load_recipe
-    from finetune.run.launch import run_recipe
+    from finetune.run.launch import end_process_group, run_recipe
     from finetune.run.pipeline import is_pipeline, run_pipeline
 
     if is_pipeline(args.recipe):
         run_pipeline(args.recipe, args.overrides, dry_run=args.dry_run)
-        return 0
-    recipe = load_recipe(args.recipe, args.overrides)
-    run_recipe(recipe, dry_run=args.dry_run)
+    else:
+        run_recipe(load_recipe(args.recipe, args.overrides), dry_run=args.dry_run)
+    end_process_group()
     return 0
 
 
@@ -166,8 +166,13 @@ def cmd_launch(args) -> int:
     node_rank = args.node_rank
     if node_rank is None and args.nnodes and args.nnodes > 1:
         # Under SLURM (srun) or a launcher that exports NODE_RANK, each node knows its own rank.
-        env = os.environ.get("SLURM_NODEID") or os.environ.get("NODE_RANK")
-        node_rank = int(env) if env and env.isdigit() else None
+        var = next((v for v in ("SLURM_NODEID", "NODE_RANK") if os.environ.get(v)), None)
+        if var is not None:
+            # A rank read wrongly would make two nodes claim the same rank and hang the rendezvous.
+            if not os.environ[var].isdigit():
+                raise UsageError(f"${var}={os.environ[var]!r} is not a node rank (0..nnodes-1); "
+                                 "give --node-rank")
+            node_rank = int(os.environ[var])
     flags = {"num_processes": args.gpus if args.gpus is not None else args.num_processes,
              "nnodes": args.nnodes, "node_rank": node_rank, "master": args.master, "strategy": args.strategy}
     overrides = list(args.overrides) + [f"launch.{k}={v}" for k, v in flags.items() if v is not None]

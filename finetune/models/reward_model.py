@@ -163,7 +163,8 @@ class RewardModelScorer:
         if self.model is None:
             from accelerate import PartialState
 
-            self.model = load_trained_reward_model(self.path, PartialState().device)
+            # cpu=True without CUDA, as the engine's Accelerator: else a CPU process group is ignored.
+            self.model = load_trained_reward_model(self.path, PartialState(cpu=not torch.cuda.is_available()).device)
         return self.model
 
     @torch.no_grad()

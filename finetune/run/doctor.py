@@ -40,14 +40,17 @@ def report(strategy: str | None = None) -> list[str]:
     for var in ("MASTER_ADDR", "MASTER_PORT", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES"):
         if os.environ.get(var):
             lines.append(f"env           {var}={os.environ[var]}")
+    # The verdicts follow finetune.run.launch.check_launch: "ok" where `finetune launch` would start.
+    dist = torch.distributed.is_available()
+    deepspeed = _version("deepspeed") != "not installed"
     needs = {
-        "ddp": "torch.distributed (gloo on CPU, nccl on GPU); one process per GPU",
-        "fsdp": "torch >= 2.4 (FSDP2, fully_shard) and accelerate >= 1.4; GPUs for real speed",
-        "zero2": "deepspeed installed and CUDA GPUs",
-        "zero3": "deepspeed installed and CUDA GPUs",
+        "ddp": ("torch.distributed (gloo on CPU, nccl on GPU); one process per GPU", dist),
+        "fsdp": ("torch >= 2.4 (FSDP2, fully_shard), accelerate >= 1.4 and CUDA GPUs (accelerate shards only "
+                 "on GPUs)", dist and cuda),
+        "zero2": ("deepspeed installed and CUDA GPUs", dist and cuda and deepspeed),
+        "zero3": ("deepspeed installed and CUDA GPUs", dist and cuda and deepspeed),
     }
-    for name, need in needs.items():
+    for name, (need, ok) in needs.items():
         if strategy in (None, name):
-            ok = "ok" if name in ("ddp", "fsdp") or (_version("deepspeed") != "not installed" and cuda) else "missing"
-            lines.append(f"strategy {name:<5} {ok}: needs {need}")
+            lines.append(f"strategy {name:<5} {'ok' if ok else 'missing'}: needs {need}")
     return lines

@@ -191,6 +191,15 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
     return final
 
 
+def end_process_group() -> None:
+    """The process group of `finetune run` under `finetune launch` / torchrun ends with the command,
+    not with a trainer's inner engine call (rs_sft rounds, pipeline stages still need it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------
 # `finetune launch`: the same run in N processes (x M nodes) through `accelerate launch`
 

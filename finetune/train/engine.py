@@ -146,7 +146,9 @@ def start_process():
 
     Every trainer calls it first: a model, a bitsandbytes probe or a CUDA context created before
     accelerate sets the device lands on GPU 0, once per rank. cpu=True where there is no CUDA, as
-    in train() (accelerate otherwise ignores a torchrun process group on the CPU).
+    in train(): else accelerate ignores a torchrun/accelerate process group of CPU processes and
+    each process, its own rank 0, samples every prompt and writes every file (PartialState is a
+    singleton: the first construction decides for the whole process).
     """
     from accelerate import PartialState
 
@@ -225,7 +227,10 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
         # Every rank generates (a sharded model's forward is collective); rank 0 prints.
         print_samples(accelerator.unwrap_model(model), task.tokenizer, run.sample_prompts,
                       run.sample_max_new_tokens)
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also ends the process group, which a caller may still
+    # need (rs_sft samples and evaluates across ranks after each round's SFT); run_recipe ends it.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     release_accelerator()
     return final
 

@@ -107,12 +107,10 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
 
 
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
-    from accelerate import PartialState
-
     engine.start_process()  # this rank's device before any weight
     prepared = prepare(recipe)
     out = Path(recipe.run.output_dir)
-    main = PartialState().is_main_process
+    main = engine.start_process().is_main_process
     if main:
         start_run_dir(recipe, out)
     for line in plan(recipe, prepared).lines(recipe, num_processes):
@@ -125,7 +123,7 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
             logger.close()
     if main:
         publish(last, out / "final")
-    PartialState().wait_for_everyone()
+    engine.start_process().wait_for_everyone()
     return out / "final"
 
 
@@ -146,8 +144,6 @@ def round_recipe(recipe: Recipe, r: int, init: Path | None, samples_file: Path) 
 
 def load_policy(recipe: Recipe, tokenizer, weights: Path | None):
     """model.name (weights None) or a round's final/: a full model, or base + that round's adapter."""
-    from accelerate import PartialState
-
     from finetune.models.loading import load_model
 
     source = recipe
@@ -158,7 +154,7 @@ def load_policy(recipe: Recipe, tokenizer, weights: Path | None):
     if recipe.adapter is not None and weights is not None:
         checkpoint.load_weights(model, weights)  # the adapter trained so far, on a fresh one
     if getattr(model, "hf_device_map", None) is None:  # quantized models are placed when loaded
-        model.to(PartialState().device)
+        model.to(engine.start_process().device)
     return model
 
 
@@ -176,12 +172,10 @@ class RoundRunner:
     it samples, then trains when the round continues from it)."""
 
     def __init__(self, recipe: Recipe, prepared: Prepared, out: Path, logger: MetricsLogger | None) -> None:
-        from accelerate import PartialState
-
         self.recipe, self.p, self.out, self.logger = recipe, prepared, out, logger
         self.rej = recipe.trainer.rejection
         self.rule = SelectionRule.from_recipe(self.rej)
-        self.state = PartialState()
+        self.state = engine.start_process()
         self._model, self._weights = None, "nothing loaded"
 
     def run(self) -> Path:
