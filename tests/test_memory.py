@@ -175,3 +175,15 @@ def test_plan_prints_the_memory_line(capsys, in_tmp):
     for part in ("peak per GPU on a bf16 GPU: weights", "grads", "optimizer", "activations", "(checkpointing off;",
                  "logits/loss", "(plain CE; chunked:"):
         assert part in text.split("memory ", 1)[1], part
+
+
+def test_only_sft_has_the_chunked_loss_and_ppo_counts_its_kv_cache():
+    ppo = load_recipe(ROOT / "recipes/ppo.yaml", ["run.chunked_ce=true"])
+    shape = known_shape(ppo.model.name)
+    small = estimate(ppo, shape)
+    assert not small.chunked_ce  # the fused loss is wired into the sft trainer only
+    ppo.trainer.sampling.batch_size = 512  # 512 sequences of 1024 + 256 tokens decoded at once
+    big = estimate(ppo, shape)
+    kv = 512 * 1280 * 2 * shape.layers * shape.kv_heads * shape.head_dim * 2 + 512 * shape.vocab * 4 * 2
+    # the cache replaces training's transient (activations + logits) at the peak
+    assert big.total - small.total == pytest.approx(kv - small.activations - small.logits, rel=1e-9)

@@ -15,6 +15,8 @@ Printed by every run's plan and by ``finetune run --dry-run``. Parts:
   holds one chunk of 2048 positions in fp32 plus an fp32 gradient of the output head when it trains.
 - strategy: ZeRO-2 shards gradients and optimizer state over the processes, FSDP / ZeRO-3 the
   weights too (plus two gathered layers); DDP adds gradient buckets as large as the gradients.
+- ppo: the reward model (assumed the policy's shape), a full reference or separate critic, and
+  sampling's KV cache where it outgrows training's activations and logits.
 
 The GPU check (``make gpu-check``) compares the total with torch.cuda.max_memory_allocated.
 """
@@ -164,6 +166,9 @@ def weight_bytes_per_param(recipe, cuda_bf16: bool = True) -> int:
 
 
 def chunked_ce_on(recipe, cuda: bool = True) -> bool:
+    """fastpath.use_chunked_ce as it will decide on a GPU; only the sft trainer has the fused loss."""
+    if recipe.trainer.type != "sft":
+        return False
     mode = getattr(recipe.run, "chunked_ce", False)
     if mode is True:
         return True
@@ -229,10 +234,22 @@ def estimate(recipe, shape: Shape, world: int = 1, cuda_bf16: bool = True) -> Me
             extra += 2 * layer_params * min(base_b, 2)  # the gathered current and prefetched layer
     if recipe.trainer.type == "ppo":
         extra += _ppo_extra(recipe, shape, base_b)
+        # Sampling holds a KV cache instead of training's activations and logits: count what exceeds them.
+        kv = _kv_cache(recipe, shape)
+        extra += max(0.0, kv - (ckpt if checkpointing else full) - (fused if chunked else plain))
     assumption = "" if cuda_bf16 else " (this machine's dtypes)"
     return MemoryEstimate(weights, grads, optim, ckpt if checkpointing else full, fused if chunked else plain, extra,
                           checkpointing, chunked, full if checkpointing else ckpt, plain if chunked else fused,
                           assumption)
+
+
+def _kv_cache(recipe, shape: Shape) -> float:
+    """bf16 keys and values of one sampling batch at full length, plus fp32 logits of one step."""
+    s = recipe.trainer.sampling
+    length = recipe.tokenizer.max_length + s.max_new_tokens
+    rows = s.batch_size  # sequences per generate call, the n copies included
+    return (rows * length * 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
+            + rows * shape.vocab * 4 * 2)
 
 
 def _ppo_extra(recipe, shape: Shape, base_b: int) -> float:
