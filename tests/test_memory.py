@@ -142,8 +142,8 @@ def test_gpu_recipes_fit_the_memory_their_comment_claims(name):
     est = estimate(recipe, known_shape(recipe.model.name))
     assert est.total * 1.15 < claimed_gb(path) * memory.GB, est.lines()
     stated = re.search(r"Peak memory\s*(?:#\s*)?~(\d+) GB", path.read_text())
-    if stated:
-        assert abs(int(stated.group(1)) - est.total / memory.GB) < 1.0, est.lines()
+    assert stated, f"{path}: no 'Peak memory ~N GB' comment"
+    assert abs(int(stated.group(1)) - est.total / memory.GB) < 1.0, est.lines()
 
 
 def test_sft_lora_needs_its_memory_settings():

@@ -29,7 +29,9 @@ from dataclasses import dataclass, replace
 GB = 1e9
 CHUNK = 2048  # fastpath.CHUNK_SIZE (not imported: this module must stay importable without torch)
 LOGIT_BYTES = 12  # plain CE at its peak: saved fp32 log-softmax + its gradient in and out
-CHUNK_LOGIT_BYTES = 12  # chunked CE: fp32 logits, logits - lse, softmax gradient of one chunk
+# chunked CE: fp32 logits, logits - lse and the softmax gradient of one chunk (12 bytes per logit); from
+# the second chunk on, the previous chunk's logits and gradients live until the new ones replace them (16).
+CHUNK_LOGIT_BYTES, CHUNKS_LOGIT_BYTES = 12, 16
 
 # Activation bytes saved per token and decoder layer under bf16 autocast, as coefficients of
 # (hidden, intermediate, q width, kv width); measured with saved_tensors_hooks (see module doc).
@@ -221,7 +223,8 @@ def estimate(recipe, shape: Shape, world: int = 1, cuda_bf16: bool = True) -> Me
     chunked = chunked_ce_on(recipe)
     head_grad = 4 * shape.vocab * shape.hidden if adapter is None else 0  # fp32 dW summed over chunks
     plain = LOGIT_BYTES * shape.vocab * logit_positions
-    fused = CHUNK_LOGIT_BYTES * shape.vocab * min(CHUNK, logit_positions) + (head_grad if logit_positions else 0)
+    per_logit = CHUNK_LOGIT_BYTES if logit_positions <= CHUNK else CHUNKS_LOGIT_BYTES
+    fused = per_logit * shape.vocab * min(CHUNK, logit_positions) + (head_grad if logit_positions else 0)
 
     extra, strategy = 0.0, recipe.launch.strategy
     if world > 1 and strategy == "ddp":
