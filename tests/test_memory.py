@@ -146,11 +146,49 @@ def test_gpu_recipes_fit_the_memory_their_comment_claims(name):
     assert abs(int(stated.group(1)) - est.total / memory.GB) < 1.0, est.lines()
 
 
-def test_sft_lora_needs_its_memory_settings():
-    """Without checkpointing and the chunked loss the 24 GB claim would be false (issue 15, item 7)."""
-    recipe = load_recipe(ROOT / "recipes/sft_lora.yaml",
-                         ["model.gradient_checkpointing=false", "run.chunked_ce=false"])
-    assert estimate(recipe, known_shape(recipe.model.name)).total > 24 * memory.GB
+@pytest.mark.parametrize("name, off", [
+    ("sft_lora", ["model.gradient_checkpointing=false", "run.chunked_ce=false"]),
+    ("sft_qlora", ["run.chunked_ce=false"]),
+])
+def test_gpu_recipes_need_their_memory_settings(name, off):
+    """Without checkpointing / the chunked loss their claims would be false (issue 15, item 7)."""
+    path = ROOT / "recipes" / f"{name}.yaml"
+    recipe = load_recipe(path, off)
+    assert estimate(recipe, known_shape(recipe.model.name)).total > claimed_gb(path) * memory.GB
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_total_within_15_percent_of_a_real_training_step(tmp_path, checkpointing):
+    """The whole estimate against the peak of live tensors (torch's MemTracker) over one AdamW step of full
+    fine-tuning under bf16 autocast: fp32 master weights, optimizer state from a first step, plain loss."""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    from finetune.models.loading import load_model
+    from finetune.train.losses import token_ce_sum
+
+    init = {**TINY_QWEN, "vocab_size": 4000, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3}
+    recipe = tiny_recipe(tmp_path, init, None, attn_implementation="sdpa", gradient_checkpointing=checkpointing)
+    recipe.tokenizer.max_length, recipe.run.micro_batch_size = 1024, 1
+    torch.manual_seed(0)
+    model, _ = load_model(recipe)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, init["vocab_size"], (1, 1024))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            token_ce_sum(model(input_ids=ids).logits, ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # AdamW allocates its state at the first step
+    tracker = mem_tracker.MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        step()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    est = estimate(recipe, Shape.from_config(AutoConfig.for_model(**init)), cuda_bf16=False)
+    assert est.checkpointing == checkpointing
+    assert abs(est.total - peak) / peak < 0.15, (est.lines(), peak)
 
 
 def test_sharding_divides_the_sharded_parts(tmp_path):

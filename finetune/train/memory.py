@@ -105,13 +105,18 @@ class MemoryEstimate:
     extra: float = 0.0  # PPO: reward model / generation; DDP buckets; FSDP gathered layers
     checkpointing: bool = False
     chunked_ce: bool = False
+    accumulating: bool = False  # gradients held while the next micro-batch's activations build up
     activations_alt: float = 0.0
     logits_alt: float = 0.0
     assumption: str = ""
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.extra
+        # Gradients are set to None after each step: without accumulation they grow in backward
+        # while the activations and the loss's transient are freed, so only the larger of the two counts.
+        transient = self.activations + self.logits
+        live = self.gradients + transient if self.accumulating else max(self.gradients, transient)
+        return self.weights + self.optimizer + self.extra + live
 
     def lines(self) -> list[str]:
         ck = "on" if self.checkpointing else "off"
@@ -216,8 +221,8 @@ def estimate(recipe, shape: Shape, world: int = 1, cuda_bf16: bool = True) -> Me
     residual = 4 if fp32_residual else 2
     outside = 8 * shape.hidden * tokens  # embeddings' output, final norm, hidden-state gradient
     full = shape.layers * layer * tokens + outside
-    # Checkpointing keeps each layer's input; backward recomputes one layer and holds its gradients.
-    ckpt = shape.layers * residual * shape.hidden * tokens + 2 * layer * tokens + outside
+    # Checkpointing keeps each layer's input; backward recomputes one layer at a time.
+    ckpt = shape.layers * residual * shape.hidden * tokens + layer * tokens + outside
     checkpointing = recipe.model.gradient_checkpointing or recipe.model.quantize is not None
 
     chunked = chunked_ce_on(recipe)
@@ -241,9 +246,10 @@ def estimate(recipe, shape: Shape, world: int = 1, cuda_bf16: bool = True) -> Me
         kv = _kv_cache(recipe, shape)
         extra += max(0.0, kv - (ckpt if checkpointing else full) - (fused if chunked else plain))
     assumption = "" if cuda_bf16 else " (this machine's dtypes)"
+    accumulating = recipe.run.grad_accum > 1 or recipe.trainer.type == "ppo"  # ppo: micro-batches per minibatch
     return MemoryEstimate(weights, grads, optim, ckpt if checkpointing else full, fused if chunked else plain, extra,
-                          checkpointing, chunked, full if checkpointing else ckpt, plain if chunked else fused,
-                          assumption)
+                          checkpointing, chunked, accumulating, full if checkpointing else ckpt,
+                          plain if chunked else fused, assumption)
 
 
 def _kv_cache(recipe, shape: Shape) -> float:
