@@ -157,26 +157,31 @@ def test_gpu_recipes_need_their_memory_settings(name, off):
     assert estimate(recipe, known_shape(recipe.model.name)).total > claimed_gb(path) * memory.GB
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_total_within_15_percent_of_a_real_training_step(tmp_path, checkpointing):
+@pytest.mark.parametrize("checkpointing, chunked", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["plain", "checkpointing", "chunked CE", "checkpointing + chunked CE"])
+def test_total_within_15_percent_of_a_real_training_step(tmp_path, checkpointing, chunked):
     """The whole estimate against the peak of live tensors (torch's MemTracker) over one AdamW step of full
-    fine-tuning under bf16 autocast: fp32 master weights, optimizer state from a first step, plain loss."""
+    fine-tuning under bf16 autocast through the sft loss (fastpath): fp32 master weights, optimizer state
+    from a first step; 4096 tokens, so the chunked loss runs two full chunks (as the recipes do: 4 x 2048)."""
     mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
     from finetune.models.loading import load_model
-    from finetune.train.losses import token_ce_sum
+    from finetune.train import fastpath
+    from finetune.train.collate import collate_flat
 
-    init = {**TINY_QWEN, "vocab_size": 4000, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3}
+    init = {**TINY_QWEN, "vocab_size": 2000, "hidden_size": 64, "intermediate_size": 160}
     recipe = tiny_recipe(tmp_path, init, None, attn_implementation="sdpa", gradient_checkpointing=checkpointing)
-    recipe.tokenizer.max_length, recipe.run.micro_batch_size = 1024, 1
+    recipe.tokenizer.max_length, recipe.run.micro_batch_size, recipe.run.chunked_ce = 4096, 1, chunked
     torch.manual_seed(0)
     model, _ = load_model(recipe)
     model.train()
+    fast = fastpath.setup(recipe, model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, init["vocab_size"], (1, 1024))
+    ids = torch.randint(0, init["vocab_size"], (4096,)).tolist()
+    batch = fast.wrap_collate(collate_flat)([{"input_ids": ids, "labels": ids}])
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            token_ce_sum(model(input_ids=ids).logits, ids).backward()
+            fast.loss_sum(model, batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -187,7 +192,7 @@ def test_total_within_15_percent_of_a_real_training_step(tmp_path, checkpointing
         step()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     est = estimate(recipe, Shape.from_config(AutoConfig.for_model(**init)), cuda_bf16=False)
-    assert est.checkpointing == checkpointing
+    assert (est.checkpointing, est.chunked_ce) == (checkpointing, chunked)
     assert abs(est.total - peak) / peak < 0.15, (est.lines(), peak)
 
 

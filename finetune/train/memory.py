@@ -106,6 +106,7 @@ class MemoryEstimate:
     checkpointing: bool = False
     chunked_ce: bool = False
     accumulating: bool = False  # gradients held while the next micro-batch's activations build up
+    recompute: float = 0.0  # checkpointing: the one layer recomputed in backward, after the loss's transient is gone
     activations_alt: float = 0.0
     logits_alt: float = 0.0
     assumption: str = ""
@@ -114,7 +115,7 @@ class MemoryEstimate:
     def total(self) -> float:
         # Gradients are set to None after each step: without accumulation they grow in backward
         # while the activations and the loss's transient are freed, so only the larger of the two counts.
-        transient = self.activations + self.logits
+        transient = self.activations + self.logits - min(self.recompute, self.logits)
         live = self.gradients + transient if self.accumulating else max(self.gradients, transient)
         return self.weights + self.optimizer + self.extra + live
 
@@ -248,8 +249,8 @@ def estimate(recipe, shape: Shape, world: int = 1, cuda_bf16: bool = True) -> Me
     assumption = "" if cuda_bf16 else " (this machine's dtypes)"
     accumulating = recipe.run.grad_accum > 1 or recipe.trainer.type == "ppo"  # ppo: micro-batches per minibatch
     return MemoryEstimate(weights, grads, optim, ckpt if checkpointing else full, fused if chunked else plain, extra,
-                          checkpointing, chunked, accumulating, full if checkpointing else ckpt,
-                          plain if chunked else fused, assumption)
+                          checkpointing, chunked, accumulating, layer * tokens if checkpointing else 0.0,
+                          full if checkpointing else ckpt, plain if chunked else fused, assumption)
 
 
 def _kv_cache(recipe, shape: Shape) -> float:
