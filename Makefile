@@ -11,7 +11,7 @@ STAMP      := $(VENV)/.installed-$(subst =,_,$(subst >,_,$(TORCH_SPEC)))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install quickstart test test-fast lint data bench clean
+.PHONY: install quickstart test test-fast lint data bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -43,6 +43,25 @@ data: install
 BENCH_ARGS ?= --suite issue --shapes qwen0.5b,llama1b --check
 bench: install
 	$(VENV)/bin/finetune bench $(BENCH_ARGS) --json-out runs/bench.jsonl
+
+# GPU machine: one table of PASS/FAIL/SKIP lines (attention kernels, packed vs padded, recipe memory vs
+# estimate, compile, PPO, pytest -m gpu, bench) written into docs/gpu-check.md; exit 1 on any FAIL.
+# `make test` runs the same script with --cpu on tiny shapes (tests/test_gpu_check.py).
+gpu-check: install
+	$(PY) -m finetune.run.gpu_check
+
+# Wheels for an offline GPU machine whose Python has torch and transformers only (docs/gpu-check.md):
+# downloaded here into the ignored .whl/, installed there with pip --no-index.
+WHEEL_PY   ?= 3.12
+GPU_WHEELS ?= trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 dill==0.3.9 multiprocess==0.70.17 \
+              pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+              peft==0.21.2
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(WHEEL_PY) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+	  --platform any -d .whl $(GPU_WHEELS)
+	@du -sh .whl
 
 clean:
 	rm -rf runs .pytest_cache

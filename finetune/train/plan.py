@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from finetune.recipe.schema import Recipe
+from finetune.train import memory
 
 
 @dataclass
@@ -37,5 +38,6 @@ class Plan:
             f"steps      {steps} optimizer steps, lr {recipe.optim.lr:g} ({recipe.optim.scheduler})",
             f"output     {run.output_dir}",
         ]
+        out += memory.plan_lines(recipe, num_processes, self.total_params)
         out += [f"note       {n}" for n in self.notes]
         return out
