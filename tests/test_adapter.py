@@ -249,6 +249,7 @@ def test_qlora_runs_on_this_machine(in_tmp, spy_model, bits):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bitsandbytes 4-bit on the GPU)")
 def test_qlora_4bit_on_gpu_computes_in_bf16(in_tmp, spy_model):
     base, tok = make_base(in_tmp)
     recipe = recipe_from_dict(lora_recipe(in_tmp, base, tok, model={"quantize": "4bit"}, max_steps=3))
