@@ -125,13 +125,15 @@ def exact_match_metric(recipe: Recipe, tokenizer, conversations: list):
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
     from finetune.models.loading import load_model
     from finetune.train import fastpath
-    from finetune.train.attention import enable_packed_attention
+    from finetune.train.attention import enable_packed_attention, special_attention
 
     engine.start_process()  # this rank's device before any weight (QLoRA loads onto it)
     prepared = prepare(recipe, resume_from)
     model, model_info = load_model(recipe, prepared.tokenizer)
     if recipe.data.packing or recipe.data.padding_free:
         enable_packed_attention(model)
+        if special := special_attention(model):
+            model_info.notes.append(special)
     # Fused CE, compiled layers, batches counted and pinned on the CPU (docs/benchmarks.md).
     fast = fastpath.setup(recipe, model)
     for line in plan(recipe, prepared, model_info).lines(recipe, num_processes) + fast.notes:
