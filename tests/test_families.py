@@ -195,3 +195,9 @@ def test_packed_and_padded_batches_compute_each_sample_alone(name):
     for i, reference in enumerate(alone):
         torch.testing.assert_close(flat_logits[cu[i]:cu[i + 1]], reference, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(padded_logits[i, :len(reference)], reference, atol=1e-4, rtol=1e-4)
+
+
+def test_dry_run_plan_names_the_eager_attention(tmp_path, capsys):
+    base = save_family(BY_NAME["gemma2"], tmp_path / "base")
+    assert run_recipe(recipe_from_dict(sft(base, tmp_path / "out")), dry_run=True) is None
+    assert "gemma2 uses attention logit softcapping: packed attention runs" in capsys.readouterr().err

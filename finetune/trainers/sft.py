@@ -98,12 +98,28 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
     if model_info is None:
         total, trainable = count_params_meta(recipe, prepared.tokenizer)
         source, notes = recipe.model.name or "from scratch (model.init_config)", []
+        if recipe.data.packing or recipe.data.padding_free:
+            notes += _special_attention_meta(recipe)
     else:
         total, trainable = model_info.total_params, model_info.trainable_params
         source, notes = model_info.source, model_info.notes
     unit = "packed rows" if recipe.data.packing else "samples"
     return Plan("sft", source, total, trainable, len(prepared.train_units), prepared.train_stats.tokens,
                 len(prepared.eval_units), unit=unit, notes=prepared.notes + notes)
+
+
+def _special_attention_meta(recipe: Recipe) -> list[str]:
+    """The dry-run's line about softcapping/sinks, read from a weightless (meta) model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models.loading import load_config
+    from finetune.train.attention import special_attention
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(recipe))
+    note = special_attention(model)
+    return [note] if note else []
 
 
 def exact_match_metric(recipe: Recipe, tokenizer, conversations: list):
