@@ -330,3 +330,39 @@ def test_fp32_master_weights_take_the_flash_kernel_on_gpu(monkeypatch):
     assert calls == {"flash": 2, "fallback": 2}
     assert losses[True][0] == pytest.approx(losses[True][1], rel=2e-2)
     assert losses[False][0] == pytest.approx(losses[False][1], rel=1e-4)
+
+
+@functools.cache
+def tiny_special(kind: str):
+    """Families whose attention varlen kernels cannot compute (softcapping, sinks) or that mix
+    sliding-window and full layers; windows small enough that the samples below exceed them."""
+    torch.manual_seed(0)
+    extra = {
+        "gemma2": {"attn_logit_softcapping": 5.0, "sliding_window": 3, "head_dim": 16},
+        "gemma3_text": {"sliding_window": 3, "head_dim": 16},
+        "gpt_oss": {"sliding_window": 3, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+        "mistral": {"sliding_window": 3},
+    }[kind]
+    cfg = AutoConfig.for_model(kind, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=128, vocab_size=100, **extra)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss", "gemma3_text", "mistral"])
+def test_softcap_sinks_and_windows_packed_and_padded_equal_alone(kind):
+    """Reference: each sample alone through the model's eager attention (the one that applies
+    softcapping and sinks). Before, gemma2 / gpt_oss raised at the first packed forward."""
+    from finetune.train.attention import special_attention
+
+    model, samples = tiny_special(kind), make_samples(lengths=(5, 9, 3, 7))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = [model(torch.tensor([s["input_ids"]]), use_cache=False).logits[0] for s in samples]
+    enable_packed_attention(model)
+    flat, padded = collate_flat(samples), collate_padded(samples, pad_id=0, pad_to_multiple_of=8)
+    with torch.no_grad():
+        flat_logits = model(**flat.model_inputs()).logits
+        padded_logits = model(**padded.model_inputs()).logits
+    assert max_diff(flat_slices(flat_logits, flat), reference) < ATOL
+    assert max_diff([padded_logits[i, :n] for i, n in enumerate(padded.seq_lens)], reference) < ATOL
+    assert (special_attention(model) is not None) == (kind in ("gemma2", "gpt_oss"))

@@ -521,13 +521,16 @@ def test_apply_chat_template_choice_adds_missing_tokens():
     assert trained_texts(tok, encode_chat(tok, chat()))[0] == "Four.<|im_end|>"
 
 
-def test_ensure_pad_token_never_reuses_eos():
+def test_ensure_pad_token_keeps_the_vocabulary_unless_a_distinct_pad_is_needed():
     tok = train_bpe_tokenizer(CORPUS, 300, special_tokens=["<|endoftext|>"], pad_token="<|endoftext|>")
     assert "same as eos" in ensure_pad_token(tok)
-    tok.pad_token = None
-    assert "added pad token '<|pad|>'" in ensure_pad_token(tok)
-    assert tok.pad_token == "<|pad|>" and tok.pad_token_id != tok.eos_token_id
-    assert "already set" in ensure_pad_token(tok)
+    size = len(tok)
+    tok.pad_token = None  # GPT-2's habit: one <|endoftext|>, nothing reserved
+    assert "set to eos" in ensure_pad_token(tok) and len(tok) == size
+    # PPO's case: pad must not be a stop token; nothing free is left, so one token is added.
+    assert "added pad token '<|pad|>'" in ensure_pad_token(tok, {tok.eos_token_id})
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id != tok.eos_token_id and len(tok) == size + 1
+    assert "already set" in ensure_pad_token(tok, {tok.eos_token_id})
 
 
 def test_stop_token_ids():

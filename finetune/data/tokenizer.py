@@ -181,16 +181,54 @@ def apply_chat_template_choice(tokenizer, spec: str, base_dir: Path | None = Non
 # ---------------------------------------------------------------- pad policy
 
 
-def ensure_pad_token(tokenizer) -> str:
-    """Make sure a pad token exists; return what was done, in a few words.
+# Tokens a family ships for padding or leaves unused, best first: taking one keeps the vocabulary
+# (the adapter then loads on the untouched base with plain peft, merged models keep their shape).
+PAD_NAMES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>",
+             "<fim_pad>", "<|fim_pad|>", "<|endoftext|>")
+RESERVED_PAD = re.compile(r"<\|reserved_special_token_\d+\|>|<\|reserved_\d+\|>|\[control_\d+\]|<unused\d+>|"
+                          r"<\|placeholder\d+\|>|<SPECIAL_\d+>|<extra_id_\d+>")
 
-    A missing pad gets its own "<|pad|>" token, never eos: a collator that masks ``ids == pad_id``
-    would then drop the real EOS from the loss. (Our masks come from lengths, so an existing
-    pad == eos is harmless here and left alone: changing it would change the vocab.)
+
+def pad_candidate(tokenizer, avoid: set[int] = frozenset()) -> str | None:
+    """An existing token that can pad: a family's pad-named token, else its last reserved/unused one,
+    never bos/eos, a token of ``avoid`` or one the chat template writes."""
+    vocab = tokenizer.get_vocab()
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    taken = {tokenizer.eos_token, tokenizer.bos_token} | {t for t, i in vocab.items() if i in avoid}
+
+    def free(token: str) -> bool:
+        return token in vocab and token not in taken and token not in template
+
+    for name in PAD_NAMES:
+        if free(name):
+            return name
+    reserved = [t for t in vocab if RESERVED_PAD.fullmatch(t) and free(t)]
+    if reserved:
+        return max(reserved, key=vocab.__getitem__)  # the last: templates and tools use the first ones
+    unk = tokenizer.unk_token
+    return unk if unk is not None and free(unk) else None
+
+
+def ensure_pad_token(tokenizer, distinct_from: set[int] | None = None) -> str:
+    """Make sure a pad token exists without growing the vocabulary; return what was done, in a few words.
+
+    A missing pad takes an existing pad-named or reserved token (``pad_candidate``), else EOS: our
+    masks come from lengths and template spans, never from ``ids == pad_id``, so pad == eos costs
+    nothing here. Only when the caller needs a pad outside ``distinct_from`` (PPO: padding after a
+    stop must not read as stops) and no free token exists is "<|pad|>" added (the vocab grows).
     """
-    if tokenizer.pad_token is not None:
-        note = " (same as eos; harmless: masks come from lengths)" if tokenizer.pad_token == tokenizer.eos_token else ""
-        return f"pad token {tokenizer.pad_token!r} already set{note}"
+    avoid = set(distinct_from or ())
+    pad = tokenizer.pad_token
+    if pad is not None and tokenizer.pad_token_id not in avoid:
+        note = " (same as eos; harmless: masks come from lengths)" if pad == tokenizer.eos_token else ""
+        return f"pad token {pad!r} already set{note}"
+    candidate = pad_candidate(tokenizer, avoid)
+    if candidate is not None:
+        tokenizer.pad_token = candidate
+        return f"pad token set to the existing {candidate!r} (id {tokenizer.pad_token_id}; vocabulary unchanged)"
+    if not avoid and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        return f"pad token set to eos {tokenizer.eos_token!r} (vocabulary unchanged; masks come from lengths)"
     existed = "<|pad|>" in tokenizer.get_vocab()
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     if existed:

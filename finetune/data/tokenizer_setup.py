@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.data.tokenizer import apply_chat_template_choice, ensure_pad_token, train_bpe_tokenizer
+from finetune.data.tokenizer import (
+    apply_chat_template_choice,
+    ensure_pad_token,
+    stop_token_ids,
+    train_bpe_tokenizer,
+)
 from finetune.errors import RecipeError, TemplateError, UserError
 from finetune.recipe.schema import Recipe
 
@@ -45,8 +50,11 @@ def load_tokenizer(recipe: Recipe, texts: list[str] | None = None, resume_from: 
             raise RecipeError(f"tokenizer.chat_template: {e}") from None
     if added:
         notes.append(f"added template tokens {added}")
-    pad_note = ensure_pad_token(tokenizer)
-    if "added" in pad_note:
+    # PPO pads after a stop token, so its pad must be no stop; elsewhere masks come from lengths
+    # (reward models included: last_token_rewards reads the attention mask, not the pad id).
+    stops = set(stop_token_ids(tokenizer)) if recipe.trainer.type == "ppo" else None
+    pad_note = ensure_pad_token(tokenizer, stops)
+    if "already set" not in pad_note:
         notes.append(pad_note)
     return tokenizer
 

@@ -294,7 +294,9 @@ def prepare_for_training(model: torch.nn.Module, recipe: Recipe, tokenizer, note
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         old = model.get_input_embeddings().weight.shape[0]
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        notes.append(f"resized embeddings {old} -> {len(tokenizer)} for added tokens")
+        how = (f"; to load the adapter with plain peft, call base.resize_token_embeddings({len(tokenizer)}) "
+               "before PeftModel.from_pretrained") if recipe.adapter is not None else ""
+        notes.append(f"resized embeddings {old} -> {len(tokenizer)} for added tokens{how}")
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if recipe.model.gradient_checkpointing:

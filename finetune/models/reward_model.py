@@ -38,6 +38,7 @@ from finetune.models.loading import (
     check_modules_to_save,
     count_params,
     linear_layer_names,
+    load_config,
     prepare_for_training,
     quantization_kwargs,
     quantization_of,
@@ -204,6 +205,7 @@ def load_reward_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, 
         kwargs["attn_implementation"] = m.attn_implementation
     if m.quantize is not None:
         kwargs.update(quantization_kwargs(recipe))
+    register_score_head(load_config(recipe))
     try:
         model, loading = AutoModelForSequenceClassification.from_pretrained(
             m.name, revision=m.revision, trust_remote_code=m.trust_remote_code, use_safetensors=True,
@@ -218,6 +220,25 @@ def load_reward_model(recipe: Recipe, tokenizer=None) -> tuple[torch.nn.Module, 
         model = _add_reward_adapter(model, recipe)
     total, trainable = count_params(model)
     return model, ModelInfo(total, trainable, str(dtype).removeprefix("torch."), f"{m.name} + scalar head", notes)
+
+
+def register_score_head(config) -> None:
+    """Families transformers gives no *ForSequenceClassification (Granite, Cohere, ...): register
+    its GenericForSequenceClassification (backbone under `model` + linear `score`, as for Llama)
+    on the family's pretrained base, so AutoModelForSequenceClassification loads them."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    kind = type(config)
+    if kind in AutoModelForSequenceClassification._model_mapping or kind not in AutoModel._model_mapping:
+        return
+    backbone = AutoModel._model_mapping[kind]
+    pretrained = backbone.__mro__[1]  # e.g. GranitePreTrainedModel
+    if getattr(pretrained, "base_model_prefix", "model") != "model":
+        return  # the backbone is stored under another name: keys would not match
+    name = backbone.__name__.removesuffix("Model") + "ForSequenceClassification"
+    head = type(name, (GenericForSequenceClassification, pretrained), {})
+    AutoModelForSequenceClassification.register(kind, head, exist_ok=True)
 
 
 def init_score_head(model: torch.nn.Module) -> None:
@@ -263,10 +284,13 @@ def _add_reward_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Modu
 def load_trained_reward_model(path: str | Path, device=None) -> torch.nn.Module:
     """A reward model written by trainer.type reward (full weights or a SEQ_CLS adapter), in eval
     mode: the GPU's native 16-bit dtype (bf16, fp16 before Ampere), fp32 on the CPU."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     dtype = inference_dtype(device)
     path = Path(path)
+    adapter_config = path / "adapter_config.json"
+    config_of = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.is_file() else path
+    register_score_head(AutoConfig.from_pretrained(config_of))
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForSequenceClassification
 

@@ -26,14 +26,17 @@ back to fp32, and after QLoRA's k-bit preparation all three arrive in fp32, whic
 flash kernel. Elsewhere (CPU, fp32, pre-Ampere GPUs, attention dropout) SDPA once per sample
 (O(sum of squared sample lengths), no T x T mask); inside torch.compile, where per-sample shapes
 would break the graph, one SDPA call with a block-diagonal bool mask.
-Not supported in the packed path: attention logit softcapping (Gemma 2) and attention sinks
-(gpt-oss): they raise, use padded batches for those models.
+Attention logit softcapping (Gemma 2) and attention sinks (gpt-oss) have no SDPA or varlen kernel
+here: those layers run the model's own eager attention, per sample in a packed row (each with its
+causal / sliding-window mask) and with the additive form of the mask in a padded batch
+(``special_attention`` names them for the plan).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -210,15 +213,16 @@ def packed_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The registered attention function: varlen over samples, or sdpa when a mask is given."""
-    if attention_mask is not None or query.shape[2] != key.shape[2]:
+    special = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    if not special and (attention_mask is not None or query.shape[2] != key.shape[2]):
         # A padded batch, or decoding against a cache: exactly sdpa (the mask carries everything).
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             is_causal=is_causal, **kwargs,
         )
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError(f"{ATTENTION_NAME} supports neither attention softcapping nor sinks; "
-                         "train this model with padded batches (packing off)")
+        return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                sliding_window, cu_seq_lens_q, position_ids, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     cu = _segments(query, cu_seq_lens_q, position_ids)
     dtype = _kernel_dtype(query)
@@ -232,6 +236,54 @@ def packed_attention_forward(
     else:
         out = _per_sample_sdpa(query, key, value, cu, causal, sliding_window, dropout, scaling)
     return out.contiguous(), None
+
+
+def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window,
+                     cu_seq_lens_q, position_ids, **kwargs) -> tuple[torch.Tensor, None]:
+    """Softcapping or sinks: the model's own eager attention (its module's ``eager_attention_forward``),
+    which applies them; sdpa has neither. Packed rows go one sample at a time, each with its own
+    causal (and sliding-window) mask, so no sample sees another and no (tokens x tokens) mask is built."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    extra = {k: v for k, v in kwargs.items() if k in ("softcap", "s_aux")}
+
+    def run(q, k, v, mask):
+        out, _ = eager(module, q, k, v, mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
+                       **extra)
+        return out
+
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # sdpa's form -> additive
+            attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+                ~attention_mask, torch.finfo(query.dtype).min)
+        return run(query, key, value, attention_mask), None
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    batch, heads, time, _ = query.shape
+    q, k, v = _flat_tokens(query), _flat_tokens(key), _flat_tokens(value)
+    lengths = _segments(query, cu_seq_lens_q, position_ids).diff().tolist()
+    outs = []
+    for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True):
+        n = qs.shape[2]
+        if n == 0:
+            continue
+        allowed = _window_mask(torch.ones(n, n, dtype=torch.bool, device=q.device), causal, sliding_window)
+        mask = torch.zeros(n, n, dtype=qs.dtype, device=q.device).masked_fill(~allowed, torch.finfo(qs.dtype).min)
+        outs.append(run(qs, ks, vs, mask[None, None]))  # (1, n, heads, d)
+    out = torch.cat(outs, dim=1)
+    return out.reshape(batch, time, heads, -1).contiguous(), None
+
+
+def special_attention(model) -> str | None:
+    """What in this model the varlen kernels cannot compute (softcapping, sinks), for the plan; else None."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    found = []
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        found.append("attention logit softcapping")
+    if any(name.endswith(".sinks") or name == "sinks" for name, _ in model.named_parameters()):
+        found.append("attention sinks")
+    if not found:
+        return None
+    return (f"{config.model_type} uses {' and '.join(found)}: packed attention runs the model's eager "
+            "attention one sample at a time (slower than varlen; no cross-sample attention)")
 
 
 def packed_attention_mask(

@@ -98,12 +98,28 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
     if model_info is None:
         total, trainable = count_params_meta(recipe, prepared.tokenizer)
         source, notes = recipe.model.name or "from scratch (model.init_config)", []
+        if recipe.data.packing or recipe.data.padding_free:
+            notes += _special_attention_meta(recipe)
     else:
         total, trainable = model_info.total_params, model_info.trainable_params
         source, notes = model_info.source, model_info.notes
     unit = "packed rows" if recipe.data.packing else "samples"
     return Plan("sft", source, total, trainable, len(prepared.train_units), prepared.train_stats.tokens,
                 len(prepared.eval_units), unit=unit, notes=prepared.notes + notes)
+
+
+def _special_attention_meta(recipe: Recipe) -> list[str]:
+    """The dry-run's line about softcapping/sinks, read from a weightless (meta) model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models.loading import load_config
+    from finetune.train.attention import special_attention
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(recipe))
+    note = special_attention(model)
+    return [note] if note else []
 
 
 def exact_match_metric(recipe: Recipe, tokenizer, conversations: list):
@@ -125,13 +141,15 @@ def exact_match_metric(recipe: Recipe, tokenizer, conversations: list):
 def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 1) -> Path:
     from finetune.models.loading import load_model
     from finetune.train import fastpath
-    from finetune.train.attention import enable_packed_attention
+    from finetune.train.attention import enable_packed_attention, special_attention
 
     engine.start_process()  # this rank's device before any weight (QLoRA loads onto it)
     prepared = prepare(recipe, resume_from)
     model, model_info = load_model(recipe, prepared.tokenizer)
     if recipe.data.packing or recipe.data.padding_free:
         enable_packed_attention(model)
+        if special := special_attention(model):
+            model_info.notes.append(special)
     # Fused CE, compiled layers, batches counted and pinned on the CPU (docs/benchmarks.md).
     fast = fastpath.setup(recipe, model)
     for line in plan(recipe, prepared, model_info).lines(recipe, num_processes) + fast.notes:
