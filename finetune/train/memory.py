@@ -299,6 +299,7 @@ def plan_lines(recipe, num_processes: int = 1, total_params: int | None = None) 
     import torch
 
     from finetune.models.loading import load_config
+    from finetune.models.precision import native_bf16
 
     try:
         config = load_config(recipe)
@@ -308,7 +309,7 @@ def plan_lines(recipe, num_processes: int = 1, total_params: int | None = None) 
     except Exception as e:  # noqa: BLE001 - the plan must print even when the estimate cannot
         return [f"memory     (no estimate: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
     cuda = torch.cuda.is_available()
-    cuda_bf16 = not cuda or torch.cuda.is_bf16_supported()
+    cuda_bf16 = not cuda or native_bf16()
     est = estimate(recipe, shape, world_of(recipe, num_processes), cuda_bf16=cuda_bf16)
     if not cuda:
         est.assumption = " on a bf16 GPU"
