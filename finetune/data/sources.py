@@ -422,7 +422,8 @@ def encode_conversations_cached(tokenizer, conversations: list, train_on: str, m
     from finetune import __version__
     if not use_cache or (bad is not None and bad.policy == "skip"):  # skips must be reported again
         return encode_conversations(tokenizer, conversations, train_on, max_length, overflow, key, bad)
-    h = hashlib.sha256(f"{__version__}|{train_on}|{max_length}|{overflow}|".encode())
+    # "masks-2": trl's training twins render reasoning templates (older caches masked otherwise).
+    h = hashlib.sha256(f"{__version__}|masks-2|{train_on}|{max_length}|{overflow}|".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     for conv in conversations:
         h.update(json.dumps([conv.messages, conv.tools], sort_keys=True, default=str).encode())
