@@ -17,9 +17,16 @@ import pytest
 
 from finetune.cli.main import main
 from finetune.data.reasoning import split_reasoning, training_twin
-from finetune.data.tokenizer import IGNORE_INDEX, encode_chat, stop_token_ids, train_bpe_tokenizer
+from finetune.data.sources import encode_chat_turns
+from finetune.data.tokenizer import (
+    IGNORE_INDEX,
+    UnstableTemplateError,
+    encode_chat,
+    stop_token_ids,
+    train_bpe_tokenizer,
+)
 from tests.conftest import TINY_LLAMA, save_tiny_chat_model, tiny_sft_recipe, write
-from tests.test_tokenizer import CALL, CORPUS, DEEPSEEK, TOOLS, _trl, trained_texts, trim_marker_mask
+from tests.test_tokenizer import CALL, CORPUS, DEEPSEEK, TOOLS, UNSTABLE, _trl, trained_texts, trim_marker_mask
 
 IM = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
@@ -135,6 +142,27 @@ def test_last_assistant_trains_the_final_turn_on_the_inference_history(name):
     history = messages[:-1] if own else [split_reasoning(m)[1] for m in messages[:-1]]
     prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     assert text.startswith(prompt.removesuffix("<think>\n")), "the prompt is the inference prompt"
+
+
+def test_without_a_twin_each_turn_is_its_own_sample_on_its_inference_history():
+    # An edited Qwen3 template: no trl twin, no markers, earlier turns rewritten. One rendering cannot
+    # be masked, so each trained turn becomes a sample: the conversation up to it, as at inference.
+    tok = train_bpe_tokenizer(CORPUS, 400, special_tokens=IM, chat_template=_trl("qwen3") + "{#- edited #}",
+                              eos_token="<|im_end|>")
+    messages = conversation("reasoning_content", REASONS)
+    with pytest.raises(UnstableTemplateError):
+        encode_chat(tok, messages)
+    samples = encode_chat_turns(tok, messages, "assistant")
+    assert samples == [encode_chat(tok, messages[: i + 1], "last_assistant") for i in (2, 4, 6)]
+    texts = [trained_texts(tok, s) for s in samples]
+    assert texts[0] == [f"<think>\n{REASONS[0]}\n</think>\n\nFour.<|im_end|>"]
+    assert texts[2] == ["<think>\n\n</think>\n\nYou are welcome.<|im_end|>"]
+    assert [trained_texts(tok, s) for s in encode_chat_turns(tok, messages, "completion")] == texts[2:]
+    # When no method applies (a header that counts messages changes every prefix): one line.
+    tok.chat_template = UNSTABLE
+    with pytest.raises(UnstableTemplateError, match="not prefix-stable") as err:
+        encode_chat_turns(tok, messages, "assistant")
+    assert "\n" not in str(err.value)
 
 
 def test_edited_template_has_no_twin_and_plain_ones_do():

@@ -222,7 +222,7 @@ def validate_messages(messages: Any, train_on: str = "assistant", index: int | N
         _validate_message(message, f"{where}message {pos}: ")
     if train_on == "all":
         return
-    if not _selected_turns(messages, train_on):
+    if not selected_turns(messages, train_on):
         need = "after the last user message" if train_on == "completion" else "after a prompt"
         raise DataError(f"{where}no assistant message {need} to train on (train_on: {train_on})")
 
@@ -254,7 +254,7 @@ def _where(index: int | None) -> str:
     return "" if index is None else f"sample {index}: "
 
 
-def _selected_turns(messages: list[dict], train_on: str) -> list[int]:
+def selected_turns(messages: list[dict], train_on: str) -> list[int]:
     """Indexes of the assistant messages ``train_on`` trains.
 
     A message at index 0 has no prompt before it to split at (and transformers cannot render an
@@ -324,6 +324,10 @@ def _tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
+class UnstableTemplateError(TemplateError):
+    """No single rendering can be masked: not prefix-stable, no {% generation %} blocks, no twin."""
+
+
 @dataclass(frozen=True)
 class _Span:
     """Characters [start, end) of the full rendering trained for one assistant message."""
@@ -347,13 +351,13 @@ def _training_rendering(tokenizer, messages, train_on, tools, index) -> tuple[st
     placed = place_reasoning(messages, reasoning_field(tokenizer, own))
     if twin is None or (train_on == "last_assistant" and _own_template_fits(tokenizer, placed, train_on, tools, index)):
         return own, placed, False
-    last = _selected_turns(messages, "last_assistant")
+    last = selected_turns(messages, "last_assistant")
     drop = last[0] if train_on == "last_assistant" and last else 0
     return twin[1], place_reasoning(messages, reasoning_field(tokenizer, twin[1]), drop_before=drop), True
 
 
 def _own_template_fits(tokenizer, messages, train_on, tools, index) -> bool:
-    wanted = _selected_turns(messages, train_on)
+    wanted = selected_turns(messages, train_on)
     full = _render(tokenizer, messages, tools, index=index)
     spans, problem = _prefix_spans(tokenizer, messages, wanted, tools, full, index)
     if problem is not None:
@@ -369,7 +373,7 @@ def _own_template_fits(tokenizer, messages, train_on, tools, index) -> bool:
 
 def _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, index, template,
                    by_markers) -> list[_Span]:
-    wanted = _selected_turns(messages, train_on)
+    wanted = selected_turns(messages, train_on)
     if by_markers:
         spans, problem = [], "a trl training twin renders it"
     else:
@@ -378,7 +382,7 @@ def _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, ind
         return spans
     if not _GENERATION_TAG.search(template):
         hint = "" if train_on == "last_assistant" else " or train_on: last_assistant"
-        raise TemplateError(
+        raise UnstableTemplateError(
             f"{_where(index)}chat template is not prefix-stable: {problem}; masks would be wrong. "
             f"Use a template with {{% generation %}} markers, tokenizer.chat_template: chatml{hint}"
         )
