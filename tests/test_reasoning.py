@@ -223,3 +223,20 @@ def test_run_refuses_a_turn_that_does_not_learn_to_stop(capsys, in_tmp):
     err = capsys.readouterr().err.strip()
     assert "not a stop token" in err and "data.train: sample 0" in err and len(err.splitlines()) == 1
     assert not (in_tmp / "sft").exists()
+
+
+@pytest.mark.parametrize("name", ["gptoss", "glm4moe"])
+def test_data_audit_passes_and_shows_the_twin_and_stop_tokens(name, capsys, in_tmp):
+    f = FAMILIES[name]
+    model = save_family_model(in_tmp / "model", name)
+    write(in_tmp / "train.jsonl", json.dumps({"messages": conversation(f.field, REASONS)}) + "\n")
+    recipe = tiny_sft_recipe(in_tmp, model)
+    recipe["tokenizer"] = {"chat_template": "auto", "max_length": 512}
+    recipe["data"] = {"train": [{"path": str(in_tmp / "train.jsonl"), "format": "messages"}]}
+    path = write(in_tmp / "r.yaml", json.dumps(recipe))
+    assert main(["data", str(path)]) == 0
+    out = capsys.readouterr().err  # the audit prints on the console (stderr)
+    assert f"trl's {name}_training twin" in out
+    stops_line = next(line for line in out.splitlines() if "stop tokens" in line)
+    assert all(s in stops_line for s in f.stops)
+    assert f"{f.stops[0]}⟧" in out  # the rendered sample: the final turn's trained run ends on its stop token

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from finetune.console import console
 from finetune.data.stops import check_learns_to_stop, labels_mask
-from finetune.data.tokenizer import check_generation_prompt
+from finetune.data.tokenizer import check_generation_prompt, stop_token_ids
 from finetune.errors import DataError
 from finetune.recipe.schema import Recipe
 
@@ -58,6 +58,10 @@ def _print_summary(recipe: Recipe, prepared, samples: list[dict]) -> None:
                   f"{100 * trained / max(tokens, 1):.1f}% trained", soft_wrap=True)
     for note in getattr(prepared, "notes", []):
         console.print(f"  {note}", soft_wrap=True)
+    if recipe.trainer.type == "sft":
+        stops = [prepared.tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(prepared.tokenizer)]
+        console.print(f"  stop tokens (a trained turn must end on one): {', '.join(stops)}", soft_wrap=True,
+                      markup=False)
     if getattr(prepared, "packing_efficiency", None) is not None:
         console.print(f"  packing efficiency {100 * prepared.packing_efficiency:.1f}%")
     if console.is_terminal:
