@@ -240,3 +240,14 @@ def test_data_audit_passes_and_shows_the_twin_and_stop_tokens(name, capsys, in_t
     stops_line = next(line for line in out.splitlines() if "stop tokens" in line)
     assert all(s in stops_line for s in f.stops)
     assert f"{f.stops[0]}⟧" in out  # the rendered sample: the final turn's trained run ends on its stop token
+
+
+def test_reasoning_reaches_a_template_that_reads_no_field_inline():
+    # ChatML reads no reasoning field: a reasoning_content would vanish, so it is trained inline;
+    # an empty one means "no reasoning" and adds no empty block.
+    tok = train_bpe_tokenizer(CORPUS, 400, chat_template="chatml")
+    messages = conversation("reasoning_content", REASONS)
+    texts = trained_texts(tok, encode_chat(tok, messages))
+    assert texts[0] == f"<think>\n{REASONS[0]}\n</think>\n\nFour.<|im_end|>"
+    assert texts[2] == "You are welcome.<|im_end|>"
+    assert encode_chat(tok, messages) == encode_chat(tok, conversation(None, REASONS))

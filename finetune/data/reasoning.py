@@ -93,7 +93,9 @@ def place_reasoning(messages: list[dict], field: str | None, drop_before: int = 
         elif field is not None:
             out.append(m if isinstance(m.get(field), str) else rest | {field: reasoning})
         elif any(isinstance(m.get(f), str) for f in REASONING_FIELDS):
-            out.append(rest | {"content": f"<think>\n{reasoning}\n</think>\n\n{rest.get('content') or ''}"})
+            # An empty field means "no reasoning": inline, it would train an empty <think></think>.
+            text = rest.get("content") or ""
+            out.append(rest | {"content": f"<think>\n{reasoning}\n</think>\n\n{text}"} if reasoning.strip() else rest)
         else:
             out.append(m)  # already inline, exactly as the user wrote it
     return out
