@@ -247,6 +247,7 @@ def test_reasoning_reaches_a_template_that_reads_no_field_inline():
     # an empty one means "no reasoning" and adds no empty block.
     tok = train_bpe_tokenizer(CORPUS, 400, chat_template="chatml")
     messages = conversation("reasoning_content", REASONS)
+    messages[-1]["reasoning_content"] = ""
     texts = trained_texts(tok, encode_chat(tok, messages))
     assert texts[0] == f"<think>\n{REASONS[0]}\n</think>\n\nFour.<|im_end|>"
     assert texts[2] == "You are welcome.<|im_end|>"
