@@ -252,3 +252,18 @@ def test_reasoning_reaches_a_template_that_reads_no_field_inline():
     assert texts[0] == f"<think>\n{REASONS[0]}\n</think>\n\nFour.<|im_end|>"
     assert texts[2] == "You are welcome.<|im_end|>"
     assert encode_chat(tok, messages) == encode_chat(tok, conversation(None, REASONS))
+
+
+def test_exact_match_compares_final_answers_not_reasoning(tmp_path):
+    # References with a reasoning block (inline data) score on their answer, as replies do.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.rl.evaluate import exact_match, greedy_completions
+
+    path = save_tiny_chat_model(tmp_path / "m")
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    prompts = [[{"role": "user", "content": "What is 1 + 2?"}], [{"role": "user", "content": "What is 3 + 4?"}]]
+    replies = greedy_completions(model, tok, prompts, max_new_tokens=4)
+    refs = [f"<think>\nadd them\n</think>\n\n{r}" for r in replies]
+    assert exact_match(model, tok, prompts, refs, max_new_tokens=4)[0] == 1.0
+    assert exact_match(model, tok, prompts, ["<think>x</think>nope"] * 2, max_new_tokens=4)[0] == 0.0
