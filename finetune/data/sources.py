@@ -14,6 +14,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finetune.data.reasoning import training_twin
 from finetune.errors import DataError, TemplateError
 from finetune.recipe.schema import DataSource
 
@@ -427,8 +428,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the ids or the template would change."""
     h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     h.update(str(tokenizer.chat_template).encode())
-    from finetune.data.reasoning import training_twin
-
     twin = training_twin(tokenizer.chat_template)  # renders the data instead: a trl upgrade may change it
     h.update(str(twin).encode())
     h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
