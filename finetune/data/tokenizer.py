@@ -11,8 +11,11 @@ sees at inference time) and ``messages[:i+1]`` (the turn closed); the trained ch
 from the end of the first to the end of the second. Both renderings must be string prefixes of the
 full rendering; when one is not, the template is not prefix-stable (it drops reasoning from earlier
 turns, or its generation prompt differs from how it renders history) and no span is trustworthy,
-so we fall back to the template's ``{% generation %}`` blocks or raise ``TemplateError``. Character
-spans become token labels through the offsets.
+so we fall back to the template's ``{% generation %}`` blocks or raise ``UnstableTemplateError``
+(``sources.encode_chat_turns`` then makes one sample per turn). A template trl ships a training
+twin for (Qwen3, DeepSeek-R1, GPT-OSS, GLM-4 MoE...: ``finetune.data.reasoning``) is rendered by
+the twin and masked by its blocks, as trl does. Character spans become token labels through the
+offsets.
 
 Conventions (tests pin each one):
 - Labels are aligned with ``input_ids`` (no shift; the loss shifts); -100 marks untrained tokens.
