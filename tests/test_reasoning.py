@@ -158,6 +158,7 @@ def test_without_a_twin_each_turn_is_its_own_sample_on_its_inference_history():
     assert texts[0] == [f"<think>\n{REASONS[0]}\n</think>\n\nFour.<|im_end|>"]
     assert texts[2] == ["<think>\n\n</think>\n\nYou are welcome.<|im_end|>"]
     assert [trained_texts(tok, s) for s in encode_chat_turns(tok, messages, "completion")] == texts[2:]
+    assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]  # probed per turn too
     # When no method applies (a header that counts messages changes every prefix): one line.
     tok.chat_template = UNSTABLE
     with pytest.raises(UnstableTemplateError, match="not prefix-stable") as err:

@@ -553,14 +553,17 @@ def stop_token_ids(tokenizer) -> list[int]:
                  {"role": "tool", "content": "e"}, chat[3]]
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     special = set(tokenizer.all_special_ids) | {k for k, t in tokenizer.added_tokens_decoder.items() if t.special}
+    from finetune.data.sources import encode_chat_turns  # the per-turn fallback lives with the encoder loop
+
     for probe, tools in ((chat, None), (tool_chat, _TOOL_PROBE)):
         try:
-            labels = encode_chat(tokenizer, probe, tools=tools)["labels"]
+            samples = encode_chat_turns(tokenizer, probe, "assistant", tools=tools)
         except (TemplateError, DataError):
             if tools is None:
                 raise
             continue
-        for _, end in _runs([label != IGNORE_INDEX for label in labels]):
-            if labels[end - 1] in special and labels[end - 1] not in ids:
-                ids.append(labels[end - 1])
+        for labels in (s["labels"] for s in samples if s is not None):
+            for _, end in _runs([label != IGNORE_INDEX for label in labels]):
+                if labels[end - 1] in special and labels[end - 1] not in ids:
+                    ids.append(labels[end - 1])
     return ids
