@@ -21,6 +21,7 @@ from finetune.data.sources import encode_chat_turns
 from finetune.data.tokenizer import (
     IGNORE_INDEX,
     UnstableTemplateError,
+    check_generation_prompt,
     encode_chat,
     stop_token_ids,
     train_bpe_tokenizer,
@@ -164,6 +165,25 @@ def test_without_a_twin_each_turn_is_its_own_sample_on_its_inference_history():
     with pytest.raises(UnstableTemplateError, match="not prefix-stable") as err:
         encode_chat_turns(tok, messages, "assistant")
     assert "\n" not in str(err.value)
+
+
+# Qwen3-Thinking-2507 style, no trl twin: the generation prompt opens <think>, history drops reasoning.
+THINKING = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n{% if loop.last %}<think>\n"
+    "{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% else %}<|im_start|>"
+    "{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+def test_thinking_template_without_twin_trains_each_turn_after_its_real_prompt():
+    tok = train_bpe_tokenizer(CORPUS, 400, special_tokens=IM, chat_template=THINKING, eos_token="<|im_end|>")
+    messages = conversation("reasoning_content", REASONS[:2] + ["You are thanked"])
+    texts = [trained_texts(tok, s) for s in encode_chat_turns(tok, messages, "assistant")]
+    assert texts[1] == [f"{REASONS[1]}\n</think>\n\nParis, a city on the Seine.<|im_end|>"]
+    assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    # The audit's prompt check agrees: each sample's prompt is the inference prompt by construction.
+    check_generation_prompt(tok, messages)
 
 
 def test_edited_template_has_no_twin_and_plain_ones_do():

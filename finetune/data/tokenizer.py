@@ -526,12 +526,21 @@ def check_generation_prompt(
             continue
         prompt = _render(tokenizer, messages[:i], tools, prompt=True, index=index)
         if not full.startswith(prompt):
-            if training_twin(_own_template(tokenizer)) is not None:
-                return  # trained through trl's twin (encode_chat): it renders the history its own way
+            if training_twin(_own_template(tokenizer)) is not None or _per_turn(tokenizer, messages, tools):
+                return  # trained through trl's twin, or one sample per turn whose prompt is the real one
             raise TemplateError(
                 f"{_where(index)}the generation prompt before message {i} differs from the training "
                 f"rendering: {_divergence(prompt, full)}"
             )
+
+
+def _per_turn(tokenizer, messages, tools) -> bool:
+    """True when training renders each turn on its own (sources.encode_chat_turns)."""
+    try:
+        encode_chat(tokenizer, messages, tools=tools)
+    except UnstableTemplateError:
+        return True
+    return False
 
 
 _TOOL_PROBE_CALL = [{"type": "function", "function": {"name": "probe", "arguments": {"x": "1"}}}]
