@@ -17,12 +17,12 @@ import pytest
 
 from finetune.cli.main import main
 from finetune.data.reasoning import split_reasoning, training_twin
-from finetune.data.sources import encode_chat_turns
+from finetune.data.stops import check_generation_prompt
 from finetune.data.tokenizer import (
     IGNORE_INDEX,
     UnstableTemplateError,
-    check_generation_prompt,
     encode_chat,
+    encode_chat_turns,
     stop_token_ids,
     train_bpe_tokenizer,
 )

@@ -16,10 +16,10 @@ import trl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from finetune.data.stops import check_generation_prompt
 from finetune.data.tokenizer import (
     IGNORE_INDEX,
     apply_chat_template_choice,
-    check_generation_prompt,
     encode_chat,
     encode_text,
     ensure_pad_token,

@@ -374,6 +374,8 @@ class EncodeStats:
 def encode_conversations(tokenizer, conversations: list, train_on: str, max_length: int, overflow: str,
                          key: str, bad: BadRows | None = None) -> tuple[list[dict], EncodeStats]:
     """Chat-templated samples with label masks; samples with no trained token are skipped."""
+    from finetune.data.tokenizer import encode_chat_turns
+
     stats = EncodeStats(rows=len(conversations))
     samples = []
     for conv in conversations:
@@ -399,25 +401,6 @@ def encode_conversations(tokenizer, conversations: list, train_on: str, max_leng
         raise DataError(f"{key}: no sample has a trained token left ({stats.summary()}); "
                         "check tokenizer.max_length and trainer.train_on")
     return samples, stats
-
-
-def encode_chat_turns(tokenizer, messages: list[dict], train_on: str, max_length: int | None = None,
-                      overflow: str = "truncate", tools: list | None = None) -> list[dict | None]:
-    """encode_chat's sample; or, when no single rendering can be masked (a template that rewrites
-    earlier turns, with no {% generation %} blocks and no trl twin), one sample per trained turn:
-    the turn as the template renders it at inference, after its own history. Costs tokens
-    quadratic in the turns, but every mask is exactly what the model sees when it answers."""
-    from finetune.data.tokenizer import UnstableTemplateError, encode_chat, selected_turns
-
-    try:
-        return [encode_chat(tokenizer, messages, train_on=train_on, max_length=max_length, overflow=overflow,
-                            tools=tools)]
-    except UnstableTemplateError:
-        if train_on not in ("assistant", "completion"):
-            raise
-        turns = selected_turns(messages, train_on)
-        return [encode_chat(tokenizer, messages[: i + 1], train_on="last_assistant", max_length=max_length,
-                            overflow=overflow, tools=tools) for i in turns]
 
 
 def cache_dir() -> Path:

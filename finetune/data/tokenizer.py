@@ -309,6 +309,21 @@ def encode_chat(
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
+def encode_chat_turns(tokenizer, messages: list[dict], train_on: str = "assistant", max_length: int | None = None,
+                      overflow: str = "truncate", tools: list | None = None) -> list[dict | None]:
+    """[encode_chat's sample]; or, when no single rendering can be masked (history rewritten, no
+    {% generation %} blocks, no trl twin), one sample per trained turn: the conversation up to it,
+    rendered as at inference (tokens grow quadratically with turns, masks are exact)."""
+    kw = {"max_length": max_length, "overflow": overflow, "tools": tools}
+    try:
+        return [encode_chat(tokenizer, messages, train_on, **kw)]
+    except UnstableTemplateError:
+        if train_on not in ("assistant", "completion"):
+            raise
+        return [encode_chat(tokenizer, messages[: i + 1], "last_assistant", **kw)
+                for i in selected_turns(messages, train_on)]
+
+
 def _render(tokenizer, messages: list[dict], tools, prompt: bool = False, index: int | None = None,
             template: str | None = None) -> str:
     """Render as text; the template's own errors (e.g. roles must alternate) become TemplateError."""
@@ -506,41 +521,7 @@ def _labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: li
     return labels
 
 
-# ---------------------------------------------------------------- checks for the data audit
-
-
-def check_generation_prompt(
-    tokenizer, messages: list[dict], tools: list | None = None, index: int | None = None
-) -> None:
-    """Raise TemplateError when training text and the inference-time prompt disagree.
-
-    For every assistant turn, the history rendering must start with ``messages[:i]`` rendered with
-    ``add_generation_prompt=True``; a prompt-only conversation is checked with a probe reply.
-    """
-    validate_messages(messages, "all", index)
-    if messages[-1].get("role") != "assistant":
-        messages = [*messages, {"role": "assistant", "content": "ok"}]
-    full = _render(tokenizer, messages, tools, index=index)
-    for i, message in enumerate(messages):
-        if i == 0 or message.get("role") != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:i], tools, prompt=True, index=index)
-        if not full.startswith(prompt):
-            if training_twin(_own_template(tokenizer)) is not None or _per_turn(tokenizer, messages, tools):
-                return  # trained through trl's twin, or one sample per turn whose prompt is the real one
-            raise TemplateError(
-                f"{_where(index)}the generation prompt before message {i} differs from the training "
-                f"rendering: {_divergence(prompt, full)}"
-            )
-
-
-def _per_turn(tokenizer, messages, tools) -> bool:
-    """True when training renders each turn on its own (sources.encode_chat_turns)."""
-    try:
-        encode_chat(tokenizer, messages, tools=tools)
-    except UnstableTemplateError:
-        return True
-    return False
+# ---------------------------------------------------------------- stop tokens
 
 
 _TOOL_PROBE_CALL = [{"type": "function", "function": {"name": "probe", "arguments": {"x": "1"}}}]
@@ -562,8 +543,6 @@ def stop_token_ids(tokenizer) -> list[int]:
                  {"role": "tool", "content": "e"}, chat[3]]
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     special = set(tokenizer.all_special_ids) | {k for k, t in tokenizer.added_tokens_decoder.items() if t.special}
-    from finetune.data.sources import encode_chat_turns  # the per-turn fallback lives with the encoder loop
-
     for probe, tools in ((chat, None), (tool_chat, _TOOL_PROBE)):
         try:
             samples = encode_chat_turns(tokenizer, probe, "assistant", tools=tools)

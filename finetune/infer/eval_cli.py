@@ -188,8 +188,7 @@ def eval_generations(lm, convs: list, rewards, task: str, settings, n: int, thre
 def perplexity_units(tokenizer, data: EvalData) -> list[dict]:
     """{"origin", "ids", "labels"} per document: every token of text, assistant tokens of chats."""
     from finetune.data.formats import FORMAT_COLUMNS, to_conversation
-    from finetune.data.sources import encode_chat_turns
-    from finetune.data.tokenizer import encode_text
+    from finetune.data.tokenizer import encode_chat_turns, encode_text
 
     fmt = data.format
     if fmt not in ("text", *CONVERSATION_FORMATS):

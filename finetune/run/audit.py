@@ -18,8 +18,8 @@ import sys
 from rich.text import Text
 
 from finetune.console import console
-from finetune.data.stops import check_learns_to_stop, labels_mask
-from finetune.data.tokenizer import check_generation_prompt, stop_token_ids
+from finetune.data.stops import check_generation_prompt, check_learns_to_stop, labels_mask
+from finetune.data.tokenizer import stop_token_ids
 from finetune.errors import DataError
 from finetune.recipe.schema import Recipe
 
