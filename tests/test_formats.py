@@ -93,6 +93,22 @@ def test_sharegpt_system_column():
     assert conv.messages == [{"role": "system", "content": "S"}, U, A]
 
 
+def test_reasoning_is_kept_through_every_format():
+    # The reasoning-template fields (finetune.data.reasoning) survive each format as given.
+    R = {"reasoning_content": "think"}
+    assert convert("messages", {"messages": [U, A | R]}).messages == [U, A | R]
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello", "thinking": "think"}]
+    assert convert("sharegpt", {"conversations": turns}).messages == [U, A | {"thinking": "think"}]
+    pc = convert("prompt_completion", {"prompt": "hi", "completion": "hello", **R})
+    assert pc.messages == [U, A | R] and pc.extra == {}
+    assert convert("alpaca", {"instruction": "hi", "output": "hello", **R}).messages == [U, A | R]
+    inline = {"role": "assistant", "content": "<think>\nthink\n</think>\n\nhello"}
+    assert convert("prompt_completion", {"prompt": [U], "completion": [inline]}).messages == [U, inline]
+    rejects(convert, "alpaca", {"instruction": "hi", "output": "x", "thinking": 3}, must_say=("'thinking'", "string"))
+    rejects(convert, "messages", {"messages": [U, A | {"reasoning_content": ["x"]}]},
+            must_say=("messages[1]", "reasoning_content must be a string"))
+
+
 def test_alpaca_with_and_without_input():
     conv = convert("alpaca", {"instruction": "Add", "input": "1 2", "output": "3", "system": "S"})
     assert conv.messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "Add\n\n1 2"},

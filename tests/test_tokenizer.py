@@ -16,10 +16,10 @@ import trl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from finetune.data.stops import check_generation_prompt
 from finetune.data.tokenizer import (
     IGNORE_INDEX,
     apply_chat_template_choice,
-    check_generation_prompt,
     encode_chat,
     encode_text,
     ensure_pad_token,
@@ -328,21 +328,25 @@ def test_tool_calls_trained_and_tool_results_not():
     assert trained_texts(tok, encode_chat(tok, messages, tools=TOOLS))[0] == texts[0]
 
 
-def test_plain_qwen3_is_not_prefix_stable():
-    # Qwen3 renders an empty <think> block only in the final turn, so earlier turns change.
-    tok = train_bpe_tokenizer(CORPUS, 400, special_tokens=IM, chat_template=_trl("qwen3"), eos_token="<|im_end|>")
-    with pytest.raises(TemplateError, match="not prefix-stable.*message 2"):
+def test_edited_qwen3_without_twin_is_not_prefix_stable():
+    # Qwen3 renders an empty <think> block only in the final turn, so earlier turns change. An edited
+    # copy is no longer trl's original, so no training twin rescues it (tests/test_reasoning.py).
+    edited = _trl("qwen3") + "{#- a local edit #}"
+    tok = train_bpe_tokenizer(CORPUS, 400, special_tokens=IM, chat_template=edited, eos_token="<|im_end|>")
+    with pytest.raises(TemplateError, match="not prefix-stable.*message 2.*or train_on: last_assistant"):
         encode_chat(tok, chat())
     # A single turn is stable, and then the empty think block is what the model must produce.
     out = encode_chat(tok, chat()[:3])
     assert trained_texts(tok, out) == ["<think>\n\n</think>\n\nFour.<|im_end|>"]
+    last = encode_chat(tok, chat(), train_on="last_assistant")
+    assert trained_texts(tok, last) == ["<think>\n\n</think>\n\nYou are welcome.<|im_end|>"]
 
 
 def test_generation_prompt_mismatch_without_markers_raises():
     tok = tokenizer_for("deepseekv3")
-    plain = _trl("deepseekv3")
+    edited = _trl("deepseekv3") + "{#- a local edit: no trl twin #}"
     tok_plain = train_bpe_tokenizer(
-        CORPUS, 400, special_tokens=DEEPSEEK, chat_template=plain, bos_token=DEEPSEEK[0], eos_token=DEEPSEEK[1]
+        CORPUS, 400, special_tokens=DEEPSEEK, chat_template=edited, bos_token=DEEPSEEK[0], eos_token=DEEPSEEK[1]
     )
     with pytest.raises(TemplateError, match="generation prompt before message 2"):
         encode_chat(tok_plain, chat())

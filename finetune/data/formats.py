@@ -29,8 +29,11 @@ dataset's own with ``columns: {messages: dialog}``.
     conversations and the messages they share from the start are the prompt.
 
 Roles are system, user, assistant and tool; an assistant message may carry ``tool_calls`` (then
-its content may be None). Columns a format does not read stay in ``extra``. Every error names the
-row ("data/x.jsonl:12: ...").
+its content may be None). Reasoning is kept through every format, as the field the chat template
+reads (``finetune.data.reasoning``): inline ``<think>...</think>`` content, or a string
+``reasoning_content`` / ``thinking`` key on messages and ShareGPT turns, or a ``reasoning_content``
+/ ``thinking`` column beside a string completion (prompt_completion) or ``output`` (alpaca).
+Columns a format does not read stay in ``extra``. Every error names the row ("data/x.jsonl:12: ...").
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune.data.reasoning import REASONING_FIELDS
 from finetune.data.sources import FORMAT_COLUMNS, Row, column
 from finetune.data.tokenizer import ROLES
 from finetune.errors import DataError
@@ -121,8 +125,11 @@ def _from_messages(row: Row, src: DataSource):
 
 def _from_prompt_completion(row: Row, src: DataSource):
     prompt = _turns(row, column(row, src, "prompt"), "user", "prompt")
-    completion = _turns(row, column(row, src, "completion"), "assistant", "completion")
-    return _system(row, src, prompt) + completion, None, ("prompt", "completion", "system")
+    raw = column(row, src, "completion")
+    completion = _turns(row, raw, "assistant", "completion")
+    if isinstance(raw, str):
+        completion[0].update(_reasoning_columns(row, src))
+    return _system(row, src, prompt) + completion, None, ("prompt", "completion", "system", *REASONING_FIELDS)
 
 
 def _from_sharegpt(row: Row, src: DataSource):
@@ -140,7 +147,8 @@ def _from_sharegpt(row: Row, src: DataSource):
         if role is None:
             raise DataError(f"{row.origin}: conversations[{i}]: unknown 'from' value {speaker!r} "
                             f"(known: {', '.join(SHAREGPT_ROLES)})")
-        messages.append({"role": role, "content": turn["value"]})
+        kept = {k: turn[k] for k in REASONING_FIELDS if turn.get(k) is not None}
+        messages.append({"role": role, "content": turn["value"], **kept})
     messages = _messages(row, messages, "conversations")
     return _system(row, src, messages), _tools(row, src), ("conversations", "system", "tools")
 
@@ -153,8 +161,9 @@ def _from_alpaca(row: Row, src: DataSource):
     if extra_input and extra_input.strip():
         instruction = f"{instruction}\n\n{extra_input}"
     output = _text(row, column(row, src, "output"), "output")
-    messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
-    return _system(row, src, messages), None, ("instruction", "input", "output", "system")
+    answer = {"role": "assistant", "content": output, **_reasoning_columns(row, src)}
+    messages = [{"role": "user", "content": instruction}, answer]
+    return _system(row, src, messages), None, ("instruction", "input", "output", "system", *REASONING_FIELDS)
 
 
 def _from_prompts(row: Row, src: DataSource):
@@ -182,6 +191,18 @@ def _optional(row: Row, src: DataSource, name: str) -> Any:
 def _extra(row: Row, src: DataSource, read: tuple[str, ...]) -> dict:
     used = {src.columns.get(name, name) for name in read}
     return {k: v for k, v in row.data.items() if k not in used}
+
+
+def _reasoning_columns(row: Row, src: DataSource) -> dict:
+    """The optional reasoning_content / thinking columns, for the single assistant message."""
+    found = {}
+    for name in REASONING_FIELDS:
+        value = _optional(row, src, name)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{row.origin}: column {name!r} must be a string, got {type(value).__name__}")
+        if value is not None:
+            found[name] = value
+    return found
 
 
 def _text(row: Row, value: Any, what: str) -> str:
@@ -222,6 +243,9 @@ def _messages(row: Row, messages: Any, what: str) -> list[dict]:
         # A pure tool-call turn has nothing to say: None content is allowed only there.
         if not isinstance(content, str) and not (content is None and tool_calls):
             raise DataError(f"{where}: {role} content must be a string, got {type(content).__name__}")
+        for name in REASONING_FIELDS:
+            if m.get(name) is not None and not isinstance(m[name], str):
+                raise DataError(f"{where}: {name} must be a string, got {type(m[name]).__name__}")
         out.append({"role": role, "content": content} | {k: v for k, v in m.items() if v is not None})
     return out
 

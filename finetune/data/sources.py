@@ -14,6 +14,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finetune.data.reasoning import training_twin
 from finetune.errors import DataError, TemplateError
 from finetune.recipe.schema import DataSource
 
@@ -373,29 +374,29 @@ class EncodeStats:
 def encode_conversations(tokenizer, conversations: list, train_on: str, max_length: int, overflow: str,
                          key: str, bad: BadRows | None = None) -> tuple[list[dict], EncodeStats]:
     """Chat-templated samples with label masks; samples with no trained token are skipped."""
-    from finetune.data.tokenizer import encode_chat
+    from finetune.data.tokenizer import encode_chat_turns
 
     stats = EncodeStats(rows=len(conversations))
     samples = []
     for conv in conversations:
         try:  # the row's origin names it better than an index into the mixed list
-            enc = encode_chat(tokenizer, conv.messages, train_on=train_on, max_length=max_length,
-                              overflow=overflow, tools=conv.tools)
+            encs = encode_chat_turns(tokenizer, conv.messages, train_on, max_length, overflow, conv.tools)
         except (DataError, TemplateError) as e:
             (bad or BadRows()).handle(type(e)(f"{conv.origin}: {e}"))
             continue
-        if enc is None:
-            stats.dropped += 1
-            continue
-        stats.truncated += bool(enc.get("truncated"))
-        trained = sum(label != -100 for label in enc["labels"][1:])
-        if trained == 0:
-            stats.no_trained += 1
-            continue
-        stats.samples += 1
-        stats.tokens += len(enc["input_ids"])
-        stats.trained_tokens += trained
-        samples.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
+        for enc in encs:
+            if enc is None:
+                stats.dropped += 1
+                continue
+            stats.truncated += bool(enc.get("truncated"))
+            trained = sum(label != -100 for label in enc["labels"][1:])
+            if trained == 0:
+                stats.no_trained += 1
+                continue
+            stats.samples += 1
+            stats.tokens += len(enc["input_ids"])
+            stats.trained_tokens += trained
+            samples.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
     if not samples:
         raise DataError(f"{key}: no sample has a trained token left ({stats.summary()}); "
                         "check tokenizer.max_length and trainer.train_on")
@@ -410,6 +411,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the ids or the template would change."""
     h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     h.update(str(tokenizer.chat_template).encode())
+    twin = training_twin(tokenizer.chat_template)  # renders the data instead: a trl upgrade may change it
+    h.update(str(twin).encode())
     h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
     return h.hexdigest()
 
@@ -422,7 +425,8 @@ def encode_conversations_cached(tokenizer, conversations: list, train_on: str, m
     from finetune import __version__
     if not use_cache or (bad is not None and bad.policy == "skip"):  # skips must be reported again
         return encode_conversations(tokenizer, conversations, train_on, max_length, overflow, key, bad)
-    h = hashlib.sha256(f"{__version__}|{train_on}|{max_length}|{overflow}|".encode())
+    # "masks-2": trl's training twins render reasoning templates (older caches masked otherwise).
+    h = hashlib.sha256(f"{__version__}|masks-2|{train_on}|{max_length}|{overflow}|".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     for conv in conversations:
         h.update(json.dumps([conv.messages, conv.tools], sort_keys=True, default=str).encode())

@@ -11,8 +11,11 @@ sees at inference time) and ``messages[:i+1]`` (the turn closed); the trained ch
 from the end of the first to the end of the second. Both renderings must be string prefixes of the
 full rendering; when one is not, the template is not prefix-stable (it drops reasoning from earlier
 turns, or its generation prompt differs from how it renders history) and no span is trustworthy,
-so we fall back to the template's ``{% generation %}`` blocks or raise ``TemplateError``. Character
-spans become token labels through the offsets.
+so we fall back to the template's ``{% generation %}`` blocks or raise ``UnstableTemplateError``
+(``sources.encode_chat_turns`` then makes one sample per turn). A template trl ships a training
+twin for (Qwen3, DeepSeek-R1, GPT-OSS, GLM-4 MoE...: ``finetune.data.reasoning``) is rendered by
+the twin and masked by its blocks, as trl does. Character spans become token labels through the
+offsets.
 
 Conventions (tests pin each one):
 - Labels are aligned with ``input_ids`` (no shift; the loss shifts); -100 marks untrained tokens.
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.data.reasoning import REASONING_FIELDS, place_reasoning, reasoning_field, split_reasoning, training_twin
 from finetune.errors import DataError, TemplateError
 
 IGNORE_INDEX = -100
@@ -259,7 +263,7 @@ def validate_messages(messages: Any, train_on: str = "assistant", index: int | N
         _validate_message(message, f"{where}message {pos}: ")
     if train_on == "all":
         return
-    if not _selected_turns(messages, train_on):
+    if not selected_turns(messages, train_on):
         need = "after the last user message" if train_on == "completion" else "after a prompt"
         raise DataError(f"{where}no assistant message {need} to train on (train_on: {train_on})")
 
@@ -274,6 +278,9 @@ def _validate_message(message: Any, where: str) -> None:
     tool_calls = message.get("tool_calls")
     if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
         raise DataError(f"{where}tool_calls must be a list on an assistant message")
+    for name in REASONING_FIELDS:
+        if message.get(name) is not None and not isinstance(message[name], str):
+            raise DataError(f"{where}{name} must be a string, got {type(message[name]).__name__}")
     if role == "assistant" and tool_calls:
         return  # a pure tool-call turn may have empty or no content
     if content is None:
@@ -288,7 +295,7 @@ def _where(index: int | None) -> str:
     return "" if index is None else f"sample {index}: "
 
 
-def _selected_turns(messages: list[dict], train_on: str) -> list[int]:
+def selected_turns(messages: list[dict], train_on: str) -> list[int]:
     """Indexes of the assistant messages ``train_on`` trains.
 
     A message at index 0 has no prompt before it to split at (and transformers cannot render an
@@ -324,12 +331,13 @@ def encode_chat(
     if overflow not in OVERFLOW:
         raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
     validate_messages(messages, train_on, index)
-    full = _render(tokenizer, messages, tools, index=index)
+    template, messages, by_markers = _training_rendering(tokenizer, messages, train_on, tools, index)
+    full = _render(tokenizer, messages, tools, index=index, template=template)
     ids, offsets = _tokenize_with_offsets(tokenizer, full)
     if train_on == "all":
         labels = list(ids)
     else:
-        spans = _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, index)
+        spans = _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, index, template, by_markers)
         labels = _labels_from_spans(ids, offsets, spans)
     truncated = max_length is not None and len(ids) > max_length
     if truncated and overflow == "drop":
@@ -339,10 +347,27 @@ def encode_chat(
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
-def _render(tokenizer, messages: list[dict], tools, prompt: bool = False, index: int | None = None) -> str:
+def encode_chat_turns(tokenizer, messages: list[dict], train_on: str = "assistant", max_length: int | None = None,
+                      overflow: str = "truncate", tools: list | None = None) -> list[dict | None]:
+    """[encode_chat's sample]; or, when no single rendering can be masked (history rewritten, no
+    {% generation %} blocks, no trl twin), one sample per trained turn: the conversation up to it,
+    rendered as at inference (tokens grow quadratically with turns, masks are exact)."""
+    kw = {"max_length": max_length, "overflow": overflow, "tools": tools}
+    try:
+        return [encode_chat(tokenizer, messages, train_on, **kw)]
+    except UnstableTemplateError:
+        if train_on not in ("assistant", "completion"):
+            raise
+        return [encode_chat(tokenizer, messages[: i + 1], "last_assistant", **kw)
+                for i in selected_turns(messages, train_on)]
+
+
+def _render(tokenizer, messages: list[dict], tools, prompt: bool = False, index: int | None = None,
+            template: str | None = None) -> str:
     """Render as text; the template's own errors (e.g. roles must alternate) become TemplateError."""
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=prompt,
+                                             chat_template=template)
     except Exception as exc:  # jinja2 raise_exception, UndefinedError, TypeError on odd data...
         raise TemplateError(f"{_where(index)}chat template failed to render: {exc}".splitlines()[0]) from None
 
@@ -355,6 +380,10 @@ def _tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
+class UnstableTemplateError(TemplateError):
+    """No single rendering can be masked: not prefix-stable, no {% generation %} blocks, no twin."""
+
+
 @dataclass(frozen=True)
 class _Span:
     """Characters [start, end) of the full rendering trained for one assistant message."""
@@ -364,18 +393,56 @@ class _Span:
     end: int
 
 
-def _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, index) -> list[_Span]:
-    wanted = _selected_turns(messages, train_on)
+def _training_rendering(tokenizer, messages, train_on, tools, index) -> tuple[str, list[dict], bool]:
+    """(template, messages, masks from its {% generation %} blocks?) to render training text with.
+
+    The tokenizer's own template, unless it is a trl original with a training twin: then the twin
+    renders and its blocks decide, as in trl. With train_on: last_assistant the own template is
+    kept when it renders that turn as at inference, ending on a special token, its reasoning kept
+    (Qwen3, GPT-OSS); else the twin renders, the history stripped of reasoning as at inference.
+    Reasoning goes where the template reads it (reasoning_content, thinking or inline <think>).
+    """
+    own = _own_template(tokenizer)
+    twin = training_twin(own)
+    placed = place_reasoning(messages, reasoning_field(tokenizer, own))
+    if twin is None or (train_on == "last_assistant" and _own_template_fits(tokenizer, placed, train_on, tools, index)):
+        return own, placed, False
+    last = selected_turns(messages, "last_assistant")
+    drop = last[0] if train_on == "last_assistant" and last else 0
+    return twin[1], place_reasoning(messages, reasoning_field(tokenizer, twin[1]), drop_before=drop), True
+
+
+def _own_template_fits(tokenizer, messages, train_on, tools, index) -> bool:
+    wanted = selected_turns(messages, train_on)
+    full = _render(tokenizer, messages, tools, index=index)
     spans, problem = _prefix_spans(tokenizer, messages, wanted, tools, full, index)
+    if problem is not None:
+        return False
+    closers = [t for t in _special_strings(tokenizer) if t]
+    for span in spans:
+        text = full[span.start : span.end].rstrip()
+        reasoning = split_reasoning(messages[span.message])[0]
+        if not any(text.endswith(t) for t in closers) or (reasoning and reasoning.strip() not in text):
+            return False
+    return True
+
+
+def _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, index, template,
+                   by_markers) -> list[_Span]:
+    wanted = selected_turns(messages, train_on)
+    if by_markers:
+        spans, problem = [], "a trl training twin renders it"
+    else:
+        spans, problem = _prefix_spans(tokenizer, messages, wanted, tools, full, index, template)
     if problem is None:
         return spans
-    template = _own_template(tokenizer)
     if not _GENERATION_TAG.search(template):
-        raise TemplateError(
+        hint = "" if train_on == "last_assistant" else " or train_on: last_assistant"
+        raise UnstableTemplateError(
             f"{_where(index)}chat template is not prefix-stable: {problem}; masks would be wrong. "
-            "Use a template with {% generation %} markers or tokenizer.chat_template: chatml"
+            f"Use a template with {{% generation %}} markers, tokenizer.chat_template: chatml{hint}"
         )
-    marked = _marker_spans(tokenizer, messages, tools, full, ids, offsets, index)
+    marked = _marker_spans(tokenizer, messages, tools, full, ids, offsets, index, template)
     if train_on == "assistant":
         return marked
     if any(s.message is None for s in marked):
@@ -386,18 +453,18 @@ def _trained_spans(tokenizer, messages, train_on, tools, full, ids, offsets, ind
     return [s for s in marked if s.message in wanted]
 
 
-def _prefix_spans(tokenizer, messages, wanted, tools, full, index) -> tuple[list[_Span], str | None]:
+def _prefix_spans(tokenizer, messages, wanted, tools, full, index, template=None) -> tuple[list[_Span], str | None]:
     """Spans from prefix renderings, or ([], reason) when the template is not prefix-stable."""
     eos = tokenizer.eos_token or ""
     closers = _special_strings(tokenizer)
     spans = []
     for i in wanted:
-        prompt = _render(tokenizer, messages[:i], tools, prompt=True, index=index)
+        prompt = _render(tokenizer, messages[:i], tools, prompt=True, index=index, template=template)
         if not full.startswith(prompt):
             why = f"the generation prompt before message {i} differs from the history"
             return [], f"{why} ({_divergence(prompt, full)})"
         last = i == len(messages) - 1
-        closed = full if last else _render(tokenizer, messages[: i + 1], tools, index=index)
+        closed = full if last else _render(tokenizer, messages[: i + 1], tools, index=index, template=template)
         end = _closed_end(closed, full, eos)
         if end is None or end <= len(prompt):
             return [], f"message {i} renders differently once later messages follow ({_divergence(closed, full)})"
@@ -436,14 +503,15 @@ def _divergence(a: str, b: str, width: int = 24) -> str:
     return f"{a[lo : k + width]!r} vs {b[lo : k + width]!r}"
 
 
-def _marker_spans(tokenizer, messages, tools, full, ids, offsets, index) -> list[_Span]:
+def _marker_spans(tokenizer, messages, tools, full, ids, offsets, index, template) -> list[_Span]:
     """Spans from the template's ``{% generation %}`` blocks (fallback for unstable templates).
 
     Blocks separated only by whitespace are one turn (Phi-3 marks the final EOS separately). When
     the turns number exactly the assistant messages they are attributed in order.
     """
     enc = tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+        chat_template=template,
     )
     mask = list(enc["assistant_masks"])
     if list(enc["input_ids"]) != ids:
@@ -491,44 +559,37 @@ def _labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: li
     return labels
 
 
-# ---------------------------------------------------------------- checks for the data audit
+# ---------------------------------------------------------------- stop tokens
 
 
-def check_generation_prompt(
-    tokenizer, messages: list[dict], tools: list | None = None, index: int | None = None
-) -> None:
-    """Raise TemplateError when training text and the inference-time prompt disagree.
-
-    For every assistant turn, the history rendering must start with ``messages[:i]`` rendered with
-    ``add_generation_prompt=True``; a prompt-only conversation is checked with a probe reply.
-    """
-    validate_messages(messages, "all", index)
-    if messages[-1].get("role") != "assistant":
-        messages = [*messages, {"role": "assistant", "content": "ok"}]
-    full = _render(tokenizer, messages, tools, index=index)
-    for i, message in enumerate(messages):
-        if i == 0 or message.get("role") != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:i], tools, prompt=True, index=index)
-        if not full.startswith(prompt):
-            raise TemplateError(
-                f"{_where(index)}the generation prompt before message {i} differs from the training "
-                f"rendering: {_divergence(prompt, full)}"
-            )
+_TOOL_PROBE_CALL = [{"type": "function", "function": {"name": "probe", "arguments": {"x": "1"}}}]
+_TOOL_PROBE = [{"type": "function", "function": {"name": "probe", "description": "probe",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the special tokens that close assistant turns (e.g. <|im_end|>): stop generation on them."""
-    probe = [
-        {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c"},
-        {"role": "assistant", "content": "d"},
-    ]
+    """EOS plus every special token that ends a trained assistant turn: stop generation on them.
+
+    Probed at each turn position (a turn in the history, the final turn, a tool-call turn), since
+    templates differ there: harmony ends history turns with <|end|>, the final one with <|return|>
+    and tool calls with <|call|>; GLM ends a turn with the next role's token (<|user|>,
+    <|observation|>). A template that cannot render tool calls simply adds nothing for them.
+    """
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    tool_chat = [chat[0], {"role": "assistant", "content": "", "tool_calls": _TOOL_PROBE_CALL},
+                 {"role": "tool", "content": "e"}, chat[3]]
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    labels = encode_chat(tokenizer, probe)["labels"]
     special = set(tokenizer.all_special_ids) | {k for k, t in tokenizer.added_tokens_decoder.items() if t.special}
-    for _, end in _runs([label != IGNORE_INDEX for label in labels]):
-        if labels[end - 1] in special and labels[end - 1] not in ids:
-            ids.append(labels[end - 1])
+    for probe, tools in ((chat, None), (tool_chat, _TOOL_PROBE)):
+        try:
+            samples = encode_chat_turns(tokenizer, probe, "assistant", tools=tools)
+        except (TemplateError, DataError):
+            if tools is None:
+                raise
+            continue
+        for labels in (s["labels"] for s in samples if s is not None):
+            for _, end in _runs([label != IGNORE_INDEX for label in labels]):
+                if labels[end - 1] in special and labels[end - 1] not in ids:
+                    ids.append(labels[end - 1])
     return ids

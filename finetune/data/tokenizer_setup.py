@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.data.reasoning import training_twin
 from finetune.data.tokenizer import (
     apply_chat_template_choice,
     ensure_pad_token,
@@ -50,6 +51,11 @@ def load_tokenizer(recipe: Recipe, texts: list[str] | None = None, resume_from: 
             raise RecipeError(f"tokenizer.chat_template: {e}") from None
     if added:
         notes.append(f"added template tokens {added}")
+    twin = training_twin(tokenizer.chat_template)
+    if twin is not None:  # the reasoning-mask rule (README "Reasoning models") applies
+        notes.append(f"chat template {twin[0]}: training text rendered and masked by trl's {twin[0]}_training "
+                     "twin (its own template kept for generation); train_on: last_assistant trains only the "
+                     "final turn, on the inference rendering")
     # PPO pads after a stop token, so its pad must be no stop; elsewhere masks come from lengths
     # (reward models included: last_token_rewards reads the attention mask, not the pad id).
     stops = set(stop_token_ids(tokenizer)) if recipe.trainer.type == "ppo" else None

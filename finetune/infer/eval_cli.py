@@ -188,7 +188,7 @@ def eval_generations(lm, convs: list, rewards, task: str, settings, n: int, thre
 def perplexity_units(tokenizer, data: EvalData) -> list[dict]:
     """{"origin", "ids", "labels"} per document: every token of text, assistant tokens of chats."""
     from finetune.data.formats import FORMAT_COLUMNS, to_conversation
-    from finetune.data.tokenizer import encode_chat, encode_text
+    from finetune.data.tokenizer import encode_chat_turns, encode_text
 
     fmt = data.format
     if fmt not in ("text", *CONVERSATION_FORMATS):
@@ -202,8 +202,9 @@ def perplexity_units(tokenizer, data: EvalData) -> list[dict]:
             ids = encode_text(tokenizer, str(row.data["text"]))
             units.append({"origin": row.origin, "ids": ids, "labels": ids})
         else:
-            enc = encode_chat(tokenizer, to_conversation(row, src).messages, train_on="assistant")
-            units.append({"origin": row.origin, "ids": enc["input_ids"], "labels": enc["labels"]})
+            # As in training: one unit per turn when a template's history cannot be masked at once.
+            for enc in encode_chat_turns(tokenizer, to_conversation(row, src).messages, "assistant"):
+                units.append({"origin": row.origin, "ids": enc["input_ids"], "labels": enc["labels"]})
     return units
 
 

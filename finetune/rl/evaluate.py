@@ -43,9 +43,16 @@ def greedy_completions(model, tokenizer, prompts: list[list[dict]], max_new_toke
     return out
 
 
+def final_answer(text: str) -> str:
+    """The answer after a reasoning block: R1-style prompts open <think> themselves, so split at the
+    last </think> (a reply or reference without one is all answer)."""
+    return text.rsplit("</think>", 1)[-1]
+
+
 def exact_match(model, tokenizer, prompts: list[list[dict]], references: list[str],
                 max_new_tokens: int = 32) -> tuple[float, list[str]]:
-    """Fraction of greedy completions equal to the reference after normalisation."""
+    """Fraction of greedy completions whose final answer equals the reference's, after normalisation."""
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens)
-    hits = [normalize_answer(c) == normalize_answer(r) for c, r in zip(completions, references, strict=True)]
+    hits = [normalize_answer(final_answer(c)) == normalize_answer(final_answer(r))
+            for c, r in zip(completions, references, strict=True)]
     return (sum(hits) / len(hits) if hits else 0.0), completions

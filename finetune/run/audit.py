@@ -18,7 +18,8 @@ import sys
 from rich.text import Text
 
 from finetune.console import console
-from finetune.data.tokenizer import check_generation_prompt, stop_token_ids
+from finetune.data.stops import check_generation_prompt, check_learns_to_stop, labels_mask
+from finetune.data.tokenizer import stop_token_ids
 from finetune.errors import DataError
 from finetune.recipe.schema import Recipe
 
@@ -26,18 +27,6 @@ from finetune.recipe.schema import Recipe
 def samples_of(units: list) -> list[dict]:
     """Units are samples, or packed rows (lists of samples)."""
     return [s for u in units for s in (u if isinstance(u, list) else [u])]
-
-
-def labels_mask(sample: dict) -> list[int]:
-    # The first token of a sample is never a prediction target (the loss shifts by one).
-    return [0] + [int(label != -100) for label in sample["labels"][1:]]
-
-
-def stop_problems(sample: dict, stops: set[int]) -> list[int]:
-    """Token indices ending a trained run on something other than a stop token."""
-    mask, ids = labels_mask(sample), sample["input_ids"]
-    ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
-    return [i for i in ends if ids[i] not in stops]
 
 
 def audit(recipe: Recipe, as_json: bool = False, show: int = 3) -> int:
@@ -69,6 +58,10 @@ def _print_summary(recipe: Recipe, prepared, samples: list[dict]) -> None:
                   f"{100 * trained / max(tokens, 1):.1f}% trained", soft_wrap=True)
     for note in getattr(prepared, "notes", []):
         console.print(f"  {note}", soft_wrap=True)
+    if recipe.trainer.type == "sft":
+        stops = [prepared.tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(prepared.tokenizer)]
+        console.print(f"  stop tokens (a trained turn must end on one): {', '.join(stops)}", soft_wrap=True,
+                      markup=False)
     if getattr(prepared, "packing_efficiency", None) is not None:
         console.print(f"  packing efficiency {100 * prepared.packing_efficiency:.1f}%")
     if console.is_terminal:
@@ -99,14 +92,7 @@ def _check(recipe: Recipe, prepared, samples: list[dict]) -> None:
         raise DataError(f"data.train: {stats.no_trained} samples have no trained token (truncated before "
                         "the answer?); raise tokenizer.max_length or use tokenizer.overflow: drop")
     if recipe.trainer.train_on != "all":
-        stops = set(stop_token_ids(prepared.tokenizer))
-        for i, s in enumerate(samples):
-            bad = stop_problems(s, stops)
-            # A truncated sample may legitimately end mid-answer.
-            if bad and not (bad == [len(s["input_ids"]) - 1] and len(s["input_ids"]) >= recipe.tokenizer.max_length):
-                tok = prepared.tokenizer.decode([s["input_ids"][bad[0]]])
-                raise DataError(f"sample {i}: a trained turn ends on {tok!r}, not a stop token; the model would "
-                                "not learn to stop (check the chat template's end-of-turn token)")
+        check_learns_to_stop(prepared.tokenizer, samples, recipe.tokenizer.max_length)
     from finetune.trainers.sft import read_conversations
 
     convs, _ = read_conversations(recipe)

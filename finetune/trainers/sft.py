@@ -24,6 +24,7 @@ from pathlib import Path
 from finetune.console import info
 from finetune.data.formats import to_conversation
 from finetune.data.sources import BadRows, EncodeStats, encode_conversations_cached, mix_sources, split_holdout
+from finetune.data.stops import check_learns_to_stop
 from finetune.data.tokenizer_setup import load_tokenizer
 from finetune.recipe.schema import Recipe
 from finetune.rl.evaluate import exact_match
@@ -145,6 +146,9 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
 
     engine.start_process()  # this rank's device before any weight (QLoRA loads onto it)
     prepared = prepare(recipe, resume_from)
+    if recipe.trainer.train_on != "all":  # what `finetune data` refuses, `finetune run` refuses too
+        samples = [s for u in prepared.train_units for s in (u if isinstance(u, list) else [u])]
+        check_learns_to_stop(prepared.tokenizer, samples, recipe.tokenizer.max_length)
     model, model_info = load_model(recipe, prepared.tokenizer)
     if recipe.data.packing or recipe.data.padding_free:
         enable_packed_attention(model)
