@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,23 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order (losses, evals, rounds, updates)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_losses(run_dir: Path) -> list[float]:
+    """The training loss of every logged step."""
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a rendezvous (released before it is returned)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 TINY_LLAMA = {

@@ -17,7 +17,7 @@ from finetune.errors import RecipeError
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
 from finetune.train import checkpoint
-from tests.conftest import TINY_LLAMA, tiny_pretrain_recipe, write
+from tests.conftest import TINY_LLAMA, read_losses, tiny_pretrain_recipe, write
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja"}
@@ -56,11 +56,6 @@ def lora_recipe(tmp: Path, base: Path, tok: Path, adapter: dict | None = None, m
     return data
 
 
-def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
-
-
 @pytest.fixture
 def spy_model(monkeypatch):
     """Captures the model that load_model hands the trainer."""
@@ -83,7 +78,7 @@ def test_lora_trains_only_the_adapter_and_the_new_token_rows(in_tmp, spy_model):
     model = spy_model["model"]
     n = len(AutoTokenizer.from_pretrained(tok))  # ids n, n+1: <|im_start|>, <|im_end|>
 
-    loss = losses(in_tmp / "out")
+    loss = read_losses(in_tmp / "out")
     assert all(math.isfinite(x) for x in loss) and loss[-1] < loss[0] - 0.2
     setup = model.adapter_setup
     assert setup.new_token_ids == [n, n + 1] and setup.new_token_training == "trainable_token_indices"
@@ -118,7 +113,7 @@ def test_dora_and_rslora_smoke(in_tmp, variant):
     data = lora_recipe(in_tmp, base, tok, adapter={variant: True, "target_modules": ["q_proj", "v_proj"]},
                        max_steps=2)
     final = run_recipe(recipe_from_dict(data))
-    assert all(math.isfinite(x) for x in losses(in_tmp / "out"))
+    assert all(math.isfinite(x) for x in read_losses(in_tmp / "out"))
     config = json.loads((final / "adapter_config.json").read_text())
     assert config[variant] is True and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     magnitudes = [k for k in load_file(final / "adapter_model.safetensors") if "lora_magnitude_vector" in k]
@@ -154,7 +149,7 @@ def test_resumed_adapter_run_equals_uninterrupted(in_tmp, monkeypatch, tied):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
-    assert losses(in_tmp / "full")[-2:] == losses(in_tmp / "crash")[-2:]
+    assert read_losses(in_tmp / "full")[-2:] == read_losses(in_tmp / "crash")[-2:]
 
 
 def tiny_model_and_recipe(tmp: Path, adapter: dict):
@@ -244,7 +239,7 @@ def test_qlora_runs_on_this_machine(in_tmp, spy_model, bits):
     assert isinstance(layer, bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt)
     assert model.adapter_setup.quantized == bits
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # QLoRA turns it on
-    assert all(math.isfinite(x) for x in losses(in_tmp / "out"))
+    assert all(math.isfinite(x) for x in read_losses(in_tmp / "out"))
     assert {p.name for p in final.iterdir()} == ADAPTER_FILES
 
 
@@ -258,4 +253,4 @@ def test_qlora_4bit_on_gpu_computes_in_bf16(in_tmp, spy_model):
     layer = spy_model["model"].base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert layer.weight.device.type == "cuda"
     assert layer.compute_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    assert all(math.isfinite(x) for x in losses(in_tmp / "out"))
+    assert all(math.isfinite(x) for x in read_losses(in_tmp / "out"))

@@ -16,7 +16,8 @@ from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
 from finetune.train import checkpoint, engine
 from finetune.train.collate import collate_padded
-from tests.conftest import TINY_LLAMA, tiny_pretrain_recipe
+from tests.conftest import TINY_LLAMA, read_metrics, tiny_pretrain_recipe
+from tests.conftest import read_losses as losses_of
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -81,10 +82,6 @@ def test_stream_is_a_permutation_per_epoch_and_ranks_are_disjoint():
     assert streams[0].indices(0) != streams[0].indices(3)  # a new order each epoch
     again = engine.MicroBatchStream(22, 3, world=2, rank=0, seed=7, shuffle=True)
     assert [again.indices(k) for k in range(6)] == [streams[0].indices(k) for k in range(6)]
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def trainable_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -172,10 +169,6 @@ def test_refuses_to_overwrite_a_finished_run(in_tmp):
     (in_tmp / "out" / "final").mkdir(parents=True)
     with pytest.raises(RecipeError, match="already holds a finished run"):
         run_recipe(recipe_from_dict(data))
-
-
-def losses_of(out: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(out) if "loss" in r]
 
 
 def test_gradient_checkpointing_changes_nothing_numerically(in_tmp):

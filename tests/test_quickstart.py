@@ -11,7 +11,7 @@ import pytest
 from finetune.recipe.schema import load_recipe
 from finetune.run.launch import run_recipe
 from finetune.run.pipeline import run_pipeline
-from tests.conftest import ROOT
+from tests.conftest import ROOT, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,6 @@ RS_TRAIN_GAIN = 0.01      # 12,240 samples per round: standard error ~0.004 (mea
 # 512 rollouts per update: the difference has a standard error ~0.015, so only "it rose" is
 # asserted here; the toy tasks in test_ppo.py hold PPO to its numbers.
 PPO_TRAIN_GAIN = 0.0
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def story(tmp_path_factory, monkeypatch_module):
 
 def test_pretraining_learns_the_language(story):
     root, _ = story
-    evals = [r for r in metrics(root / "pretrain") if "eval_loss" in r]
+    evals = [r for r in read_metrics(root / "pretrain") if "eval_loss" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 400
     assert evals[-1]["eval_loss"] < 0.3 * evals[0]["eval_loss"]
 
@@ -67,7 +63,7 @@ def test_every_stage_is_scored_and_drawn(story):
 
 def test_rejection_sampling_raises_held_out_pass_at_1(story):
     root, acc = story
-    rounds = [r for r in metrics(root / "rs") if "round" in r]
+    rounds = [r for r in read_metrics(root / "rs") if "round" in r]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     # Each round samples from the previous round's model: the verified pass rate of the samples on
     # the training prompts rises, and the skill (restating the question) carries over to held-out.
@@ -79,7 +75,7 @@ def test_rejection_sampling_raises_held_out_pass_at_1(story):
 
 def test_ppo_raises_the_reward_with_kl_bounded(story):
     root, acc = story
-    updates = [r for r in metrics(root / "ppo") if "score" in r]
+    updates = [r for r in read_metrics(root / "ppo") if "score" in r]
     frozen = [r["score"] for r in updates[:2]]  # critic warm-up: the policy has not moved yet
     late = [r["score"] for r in updates[-5:]]
     assert sum(late) / len(late) > sum(frozen) / len(frozen) + PPO_TRAIN_GAIN, updates
@@ -95,7 +91,7 @@ def test_lora_sft_learns_and_its_merge_answers_the_same(story, tmp_path):
     out = tmp_path / "lora"
     adapter = run_recipe(load_recipe(ROOT / "recipes/sft_lora_cpu.yaml",
                                      [f"model.name={root / 'pretrain' / 'final'}", f"run.output_dir={out}"]))
-    evals = [r for r in metrics(out) if "eval_exact_match" in r]
+    evals = [r for r in read_metrics(out) if "eval_exact_match" in r]
     assert evals[-1]["eval_exact_match"] >= evals[0]["eval_exact_match"] + 0.25, evals
     merge_adapter(adapter, tmp_path / "merged")
     pipe, _ = load_pipeline(ROOT / "recipes/quickstart.yaml")
