@@ -88,7 +88,17 @@ def trainable_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
-def test_pretrain_run_learns_and_writes_the_layout(in_tmp):
+def test_pretrain_run_learns_and_writes_the_layout(in_tmp, monkeypatch):
+    from finetune.models import loading
+
+    real_load, initial = loading.load_model, {}
+
+    def load_and_remember(*args, **kwargs):  # the weights as built, before the first step
+        model, info = real_load(*args, **kwargs)
+        initial.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return model, info
+
+    monkeypatch.setattr(loading, "load_model", load_and_remember)
     recipe = recipe_from_dict(tiny_pretrain_recipe(in_tmp, max_steps=30, save_every=10, keep_last=2,
                                                    eval_every=15), "tiny.yaml")
     recipe.data.eval_fraction = 0.2
@@ -112,8 +122,11 @@ def test_pretrain_run_learns_and_writes_the_layout(in_tmp):
     assert [r["step"] for r in evals] == [15, 30] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
         assert key in records[0]
-    # every parameter moved from its initialisation (same seed -> same init)
-    loaded = AutoModelForCausalLM.from_pretrained(final)
+    # every parameter moved from its initialisation and was saved under its own name
+    saved = load_file(final / "model.safetensors")
+    assert initial and set(initial) <= set(saved)
+    assert [n for n in initial if torch.equal(initial[n], saved[n])] == []
+    loaded = AutoModelForCausalLM.from_pretrained(final)  # and the saved config fits its tokenizer
     assert loaded.config.vocab_size == len(__import__("transformers").AutoTokenizer.from_pretrained(final))
 
 
@@ -184,14 +197,55 @@ def test_gradient_checkpointing_changes_nothing_numerically(in_tmp):
     ("run", "precision", "bf16"), ("optim", "name", "adamw_8bit"), ("run", "report_to", ["tensorboard"]),
     ("run", "grad_accum", 3),
 ])
-def test_engine_options_run_and_learn(in_tmp, section, key, value):
+def test_engine_options_run_and_learn(in_tmp, monkeypatch, section, key, value):
     data = tiny_pretrain_recipe(in_tmp, max_steps=5)
     data[section][key] = value
+    seen = spy_on_the_engine(monkeypatch)
     run_recipe(recipe_from_dict(data))  # several in one process: accelerate state is released
     losses = losses_of(in_tmp / "out")
     assert len(losses) == 5 and losses[-1] < losses[0]
     if value == ["tensorboard"]:
         assert list((in_tmp / "out" / "logs").rglob("events.out.tfevents.*"))
+    # The option's mechanism, not only a falling loss: autocast in the forward ...
+    bf16 = value == "bf16"
+    assert seen["autocast"] and set(seen["autocast"]) == {(True, torch.bfloat16) if bf16 else (False, None)}
+    # ... the optimizer's class (8-bit: its Adam moments are stored as uint8) ...
+    opt = seen["optimizer"]
+    if value == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        assert isinstance(opt, bnb.optim.AdamW8bit)
+        assert any(v.dtype == torch.uint8 for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    else:
+        assert type(opt) is torch.optim.AdamW
+    # ... and per optimizer step grad_accum micro-batches of micro_batch_size rows, whose tokens
+    # are what metrics.jsonl counts for that step.
+    accum = value if key == "grad_accum" else 1
+    assert [[rows for rows, _ in step] for step in seen["steps"]] == [[4] * accum] * 5
+    tokens = [r["tokens"] for r in read_metrics(in_tmp / "out") if "loss" in r]
+    per_step = [b - a for a, b in zip([0, *tokens], tokens, strict=False)]
+    assert per_step == [sum(n for _, n in step) for step in seen["steps"]]
+
+
+def spy_on_the_engine(monkeypatch) -> dict:
+    """Records the optimizer engine.train builds, autocast as the model's layers run, and the
+    (rows, tokens) of each micro-batch of each optimizer step."""
+    seen = {"autocast": [], "steps": []}
+    real_optimizer, real_accumulate = engine.build_optimizer, engine.accumulate_gradients
+
+    def build_optimizer(recipe, model):
+        seen["optimizer"] = real_optimizer(recipe, model)
+        model.model.layers[0].register_forward_hook(lambda *_: seen["autocast"].append(
+            (True, torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else (False, None)))
+        return seen["optimizer"]
+
+    def accumulate_gradients(accelerator, model, task, micro, *args, **kwargs):
+        seen["steps"].append([(int(b.input_ids.shape[0]), b.num_tokens) for b in micro])
+        return real_accumulate(accelerator, model, task, micro, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "build_optimizer", build_optimizer)
+    monkeypatch.setattr(engine, "accumulate_gradients", accumulate_gradients)
+    return seen
 
 
 @pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine"])
