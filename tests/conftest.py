@@ -92,6 +92,38 @@ def save_tiny_chat_model(path: Path, texts: list[str] | None = None) -> Path:
     return path
 
 
+def tiny_llama(seed: int | None = 0, **config):
+    """A randomly initialised TINY_LLAMA in memory; `config` overrides (vocab_size, tie_word_embeddings ...)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {**TINY_LLAMA, **config}
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+
+
+def save_tiny_reward_model(path: Path, base: Path, tokenizer=None) -> Path:
+    """A reward-model dir as `trainer.type: reward` writes one: base's backbone under a fresh
+    one-label score head (seed 0), the pad id set, the tokenizer beside it. Given another tokenizer
+    (another vocabulary), the backbone is built fresh from base's config instead."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = tokenizer or AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    if tokenizer is None:
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    else:
+        config = AutoConfig.from_pretrained(base, num_labels=1)
+        config.vocab_size = len(tok)
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def tiny_sft_recipe(tmp: Path, model_dir: Path, **run) -> dict:
     return {
         "model": {"name": str(model_dir)},

@@ -26,7 +26,7 @@ from finetune.run.launch import run_recipe
 from finetune.train.engine import release_accelerator
 from finetune.train.losses import gather_logprobs
 from finetune.trainers.ppo import PPO
-from tests.conftest import ROOT, free_port, save_tiny_chat_model, write
+from tests.conftest import ROOT, free_port, save_tiny_chat_model, save_tiny_reward_model, write
 from tests.conftest import read_metrics as records
 
 VOCAB, TARGET = 16, 3
@@ -329,17 +329,13 @@ def test_prompt_longer_than_the_room_left_for_generation(in_tmp, chat_model):
 
 
 def test_critic_from_a_reward_model_with_another_tokenizer(in_tmp, chat_model):
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from finetune.data.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([f"other words {i}" for i in range(50)], vocab_size=300, chat_template="chatml")
     assert tok.chat_template == AutoTokenizer.from_pretrained(chat_model).chat_template
-    rm = in_tmp / "rm"
-    config = AutoConfig.from_pretrained(chat_model)
-    config.num_labels, config.vocab_size = 1, len(tok)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm)
-    tok.save_pretrained(rm)
+    rm = save_tiny_reward_model(in_tmp / "rm", chat_model, tok)
     data = ppo_recipe(in_tmp, chat_model)
     data["trainer"]["rewards"] = [{"type": "model", "path": str(rm)}]
     with pytest.raises(RecipeError, match="different tokenizer than the policy"):

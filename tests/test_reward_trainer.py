@@ -21,7 +21,7 @@ from finetune.models.reward_model import (
 )
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
-from tests.conftest import read_metrics, write
+from tests.conftest import read_metrics, save_tiny_reward_model, write
 from tests.tiny_cache import shared_tiny_model
 
 
@@ -54,16 +54,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reward_model_dir(tiny_model_dir, tmp_path_factory):
     """A (randomly initialised) reward model saved as trainer.type reward saves one."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("rm") / "reward"
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_reward_model(tmp_path_factory.mktemp("rm") / "reward", tiny_model_dir)
 
 
 def test_reward_is_read_at_the_last_real_token_whatever_the_padding(reward_model_dir):

@@ -14,7 +14,7 @@ from finetune.recipe.schema import recipe_from_dict
 from finetune.rl.selection import ScoredSample, SelectionRule, distinct_n, preference_pairs, round_stats, select_samples
 from finetune.run.launch import run_recipe
 from finetune.trainers.rs_sft import RoundRunner, round_recipe
-from tests.conftest import read_metrics, write
+from tests.conftest import read_metrics, save_tiny_reward_model, write
 from tests.tiny_cache import shared_tiny_model
 
 
@@ -262,15 +262,7 @@ def test_demo_data_is_reproduced_and_keeps_the_quickstart_split(tmp_path):
 
 
 def test_a_reward_model_scores_the_samples(in_tmp, tiny_model_dir, often_stopping):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    rm_dir = in_tmp / "rm"
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    rm.config.pad_token_id = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
-    rm.save_pretrained(rm_dir)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm_dir)
+    rm_dir = save_tiny_reward_model(in_tmp / "rm", tiny_model_dir)
     recipe = rs_recipe(in_tmp, tiny_model_dir, "reward_zero", rounds=1, eval_rewards=[{"type": "numeric"}])
     recipe["trainer"]["rewards"] = [{"type": "model", "path": str(rm_dir)}]
     run_recipe(recipe_from_dict(recipe))

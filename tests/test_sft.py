@@ -12,12 +12,13 @@ from finetune.cli.main import main
 from finetune.errors import DataError
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
-from tests.conftest import read_metrics, save_tiny_chat_model, tiny_sft_recipe, write
+from tests.conftest import read_metrics, tiny_sft_recipe, write
+from tests.tiny_cache import shared_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    return save_tiny_chat_model(tmp_path_factory.mktemp("model") / "tiny")
+    return shared_tiny_model(tmp_path_factory)
 
 
 def test_sft_run_trains_every_weight_and_lowers_loss(in_tmp, tiny_model_dir):
