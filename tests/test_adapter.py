@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import finetune.models.loading as model_mod
 from finetune.data.tokenizer import train_bpe_tokenizer
@@ -17,7 +17,7 @@ from finetune.errors import RecipeError
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
 from finetune.train import checkpoint
-from tests.conftest import TINY_LLAMA, read_losses, tiny_pretrain_recipe, write
+from tests.conftest import read_losses, tiny_llama, tiny_pretrain_recipe, write
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja"}
@@ -35,12 +35,8 @@ def make_base(tmp: Path, tied: bool = False, seed: int = 0) -> tuple[Path, Path]
     ChatML tokens: a recipe with chat_template chatml adds two and resizes the embeddings."""
     tok = train_bpe_tokenizer(corpus_lines(), vocab_size=300, special_tokens=())
     tok.save_pretrained(tmp / "tok")
-    cfg = dict(TINY_LLAMA)
-    model_type = cfg.pop("model_type")
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tok), tie_word_embeddings=tied,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **cfg)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "base")
+    tiny_llama(seed, vocab_size=len(tok), tie_word_embeddings=tied, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id).save_pretrained(tmp / "base")
     return tmp / "base", tmp / "tok"
 
 
@@ -153,8 +149,7 @@ def test_resumed_adapter_run_equals_uninterrupted(in_tmp, monkeypatch, tied):
 
 
 def tiny_model_and_recipe(tmp: Path, adapter: dict):
-    cfg = dict(TINY_LLAMA)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), vocab_size=64, **cfg))
+    model = tiny_llama(None, vocab_size=64)
     data = tiny_pretrain_recipe(tmp)
     data["adapter"] = adapter
     return model, recipe_from_dict(data)

@@ -9,21 +9,19 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from finetune.errors import RecipeError
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
 from finetune.train import checkpoint, engine
 from finetune.train.collate import collate_padded
-from tests.conftest import TINY_LLAMA, read_metrics, tiny_pretrain_recipe
 from tests.conftest import read_losses as losses_of
+from tests.conftest import read_metrics, tiny_llama, tiny_pretrain_recipe
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = dict(TINY_LLAMA)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), vocab_size=50, **cfg))
+    return tiny_llama(seed, vocab_size=50)
 
 
 def samples_of_different_lengths() -> list[dict]:

@@ -14,13 +14,11 @@ from finetune.train import engine, fastpath
 from finetune.train.attention import enable_packed_attention
 from finetune.train.collate import collate_flat, collate_padded
 from finetune.train.losses import count_trained_tokens
-from tests.conftest import TINY_LLAMA, read_losses
+from tests.conftest import TINY_LLAMA, read_losses, tiny_llama
 
 
 def tiny_model(seed: int = 0, **extra) -> torch.nn.Module:
-    cfg = {**TINY_LLAMA, "vocab_size": 97, **extra}
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    return tiny_llama(seed, **{"vocab_size": 97, **extra})
 
 
 def masked_samples(seed: int = 0) -> list[dict]:
