@@ -92,6 +92,23 @@ def save_tiny_chat_model(path: Path, texts: list[str] | None = None) -> Path:
     return path
 
 
+def crash_after_checkpoint(monkeypatch, step: int) -> None:
+    """The next run dies (KeyboardInterrupt, as if killed) right after writing checkpoints/step-<step>;
+    later runs save normally."""
+    from finetune.train import checkpoint
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if path.name == f"step-{step}":
+            monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+
+
 def tiny_llama(seed: int | None = 0, **config):
     """A randomly initialised TINY_LLAMA in memory; `config` overrides (vocab_size, tie_word_embeddings ...)."""
     import torch

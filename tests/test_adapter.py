@@ -16,8 +16,7 @@ from finetune.data.tokenizer import train_bpe_tokenizer
 from finetune.errors import RecipeError
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
-from finetune.train import checkpoint
-from tests.conftest import read_losses, tiny_llama, tiny_pretrain_recipe, write
+from tests.conftest import crash_after_checkpoint, read_losses, tiny_llama, tiny_pretrain_recipe, write
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja"}
@@ -125,18 +124,9 @@ def test_resumed_adapter_run_equals_uninterrupted(in_tmp, monkeypatch, tied):
         return run_recipe(recipe_from_dict(data | {"run": data["run"] | {"output_dir": str(in_tmp / out)}}))
 
     run("full")
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if path.name == "step-4":
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    crash_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run("crash")
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     ckpt_model = in_tmp / "crash" / "checkpoints" / "step-4" / "model"
     assert (ckpt_model / "adapter_model.safetensors").is_file() and not (ckpt_model / "model.safetensors").exists()
     run("crash")

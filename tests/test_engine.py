@@ -16,8 +16,8 @@ from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
 from finetune.train import checkpoint, engine
 from finetune.train.collate import collate_padded
+from tests.conftest import crash_after_checkpoint, read_metrics, tiny_llama, tiny_pretrain_recipe
 from tests.conftest import read_losses as losses_of
-from tests.conftest import read_metrics, tiny_llama, tiny_pretrain_recipe
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -137,18 +137,9 @@ def test_resumed_run_equals_uninterrupted(in_tmp, monkeypatch):
 
     crashed = recipe_from_dict(base)
     crashed.run.output_dir = str(in_tmp / "crash")
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if path.name == "step-6":
-            raise KeyboardInterrupt  # killed right after the second checkpoint
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    crash_after_checkpoint(monkeypatch, 6)  # killed right after the second checkpoint
     with pytest.raises(KeyboardInterrupt):
         run_recipe(crashed)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert not (in_tmp / "crash" / "final").exists()
     run_recipe(recipe_from_dict(base | {"run": base["run"] | {"output_dir": str(in_tmp / "crash")}}))
     a = trainable_weights(in_tmp / "full" / "final")
