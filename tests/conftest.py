@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -45,6 +47,23 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order (losses, evals, rounds, updates)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_losses(run_dir: Path) -> list[float]:
+    """The training loss of every logged step."""
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a rendezvous (released before it is returned)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
@@ -82,6 +101,55 @@ def save_tiny_chat_model(path: Path, texts: list[str] | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         cfg.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **cfg))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def crash_after_checkpoint(monkeypatch, step: int) -> None:
+    """The next run dies (KeyboardInterrupt, as if killed) right after writing checkpoints/step-<step>;
+    later runs save normally."""
+    from finetune.train import checkpoint
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if path.name == f"step-{step}":
+            monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+
+
+def tiny_llama(seed: int | None = 0, **config):
+    """A randomly initialised TINY_LLAMA in memory; `config` overrides (vocab_size, tie_word_embeddings ...)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {**TINY_LLAMA, **config}
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+
+
+def save_tiny_reward_model(path: Path, base: Path, tokenizer=None) -> Path:
+    """A reward-model dir as `trainer.type: reward` writes one: base's backbone under a fresh
+    one-label score head (seed 0), the pad id set, the tokenizer beside it. Given another tokenizer
+    (another vocabulary), the backbone is built fresh from base's config instead."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = tokenizer or AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    if tokenizer is None:
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    else:
+        config = AutoConfig.from_pretrained(base, num_labels=1)
+        config.vocab_size = len(tok)
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

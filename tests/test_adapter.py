@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import finetune.models.loading as model_mod
 from finetune.data.tokenizer import train_bpe_tokenizer
 from finetune.errors import RecipeError
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
-from finetune.train import checkpoint
-from tests.conftest import TINY_LLAMA, tiny_pretrain_recipe, write
+from tests.conftest import crash_after_checkpoint, read_losses, tiny_llama, tiny_pretrain_recipe, write
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja"}
@@ -35,12 +34,8 @@ def make_base(tmp: Path, tied: bool = False, seed: int = 0) -> tuple[Path, Path]
     ChatML tokens: a recipe with chat_template chatml adds two and resizes the embeddings."""
     tok = train_bpe_tokenizer(corpus_lines(), vocab_size=300, special_tokens=())
     tok.save_pretrained(tmp / "tok")
-    cfg = dict(TINY_LLAMA)
-    model_type = cfg.pop("model_type")
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tok), tie_word_embeddings=tied,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **cfg)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "base")
+    tiny_llama(seed, vocab_size=len(tok), tie_word_embeddings=tied, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id).save_pretrained(tmp / "base")
     return tmp / "base", tmp / "tok"
 
 
@@ -54,11 +49,6 @@ def lora_recipe(tmp: Path, base: Path, tok: Path, adapter: dict | None = None, m
     data["adapter"] = {"r": 4, "alpha": 8, **(adapter or {})}
     data["optim"]["lr"] = 2e-2
     return data
-
-
-def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
 
 
 @pytest.fixture
@@ -83,7 +73,7 @@ def test_lora_trains_only_the_adapter_and_the_new_token_rows(in_tmp, spy_model):
     model = spy_model["model"]
     n = len(AutoTokenizer.from_pretrained(tok))  # ids n, n+1: <|im_start|>, <|im_end|>
 
-    loss = losses(in_tmp / "out")
+    loss = read_losses(in_tmp / "out")
     assert all(math.isfinite(x) for x in loss) and loss[-1] < loss[0] - 0.2
     setup = model.adapter_setup
     assert setup.new_token_ids == [n, n + 1] and setup.new_token_training == "trainable_token_indices"
@@ -118,7 +108,7 @@ def test_dora_and_rslora_smoke(in_tmp, variant):
     data = lora_recipe(in_tmp, base, tok, adapter={variant: True, "target_modules": ["q_proj", "v_proj"]},
                        max_steps=2)
     final = run_recipe(recipe_from_dict(data))
-    assert all(math.isfinite(x) for x in losses(in_tmp / "out"))
+    assert all(math.isfinite(x) for x in read_losses(in_tmp / "out"))
     config = json.loads((final / "adapter_config.json").read_text())
     assert config[variant] is True and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     magnitudes = [k for k in load_file(final / "adapter_model.safetensors") if "lora_magnitude_vector" in k]
@@ -134,18 +124,9 @@ def test_resumed_adapter_run_equals_uninterrupted(in_tmp, monkeypatch, tied):
         return run_recipe(recipe_from_dict(data | {"run": data["run"] | {"output_dir": str(in_tmp / out)}}))
 
     run("full")
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if path.name == "step-4":
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    crash_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run("crash")
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     ckpt_model = in_tmp / "crash" / "checkpoints" / "step-4" / "model"
     assert (ckpt_model / "adapter_model.safetensors").is_file() and not (ckpt_model / "model.safetensors").exists()
     run("crash")
@@ -154,12 +135,11 @@ def test_resumed_adapter_run_equals_uninterrupted(in_tmp, monkeypatch, tied):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
-    assert losses(in_tmp / "full")[-2:] == losses(in_tmp / "crash")[-2:]
+    assert read_losses(in_tmp / "full")[-2:] == read_losses(in_tmp / "crash")[-2:]
 
 
 def tiny_model_and_recipe(tmp: Path, adapter: dict):
-    cfg = dict(TINY_LLAMA)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), vocab_size=64, **cfg))
+    model = tiny_llama(None, vocab_size=64)
     data = tiny_pretrain_recipe(tmp)
     data["adapter"] = adapter
     return model, recipe_from_dict(data)
@@ -244,7 +224,7 @@ def test_qlora_runs_on_this_machine(in_tmp, spy_model, bits):
     assert isinstance(layer, bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt)
     assert model.adapter_setup.quantized == bits
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # QLoRA turns it on
-    assert all(math.isfinite(x) for x in losses(in_tmp / "out"))
+    assert all(math.isfinite(x) for x in read_losses(in_tmp / "out"))
     assert {p.name for p in final.iterdir()} == ADAPTER_FILES
 
 
@@ -259,4 +239,4 @@ def test_qlora_4bit_on_gpu_computes_in_bf16(in_tmp, spy_model):
     layer = spy_model["model"].base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert layer.weight.device.type == "cuda"
     assert layer.compute_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    assert all(math.isfinite(x) for x in losses(in_tmp / "out"))
+    assert all(math.isfinite(x) for x in read_losses(in_tmp / "out"))

@@ -9,20 +9,19 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from finetune.errors import RecipeError
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
 from finetune.train import checkpoint, engine
 from finetune.train.collate import collate_padded
-from tests.conftest import TINY_LLAMA, tiny_pretrain_recipe
+from tests.conftest import crash_after_checkpoint, read_metrics, tiny_llama, tiny_pretrain_recipe
+from tests.conftest import read_losses as losses_of
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = dict(TINY_LLAMA)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), vocab_size=50, **cfg))
+    return tiny_llama(seed, vocab_size=50)
 
 
 def samples_of_different_lengths() -> list[dict]:
@@ -83,15 +82,21 @@ def test_stream_is_a_permutation_per_epoch_and_ranks_are_disjoint():
     assert [again.indices(k) for k in range(6)] == [streams[0].indices(k) for k in range(6)]
 
 
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def trainable_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
-def test_pretrain_run_learns_and_writes_the_layout(in_tmp):
+def test_pretrain_run_learns_and_writes_the_layout(in_tmp, monkeypatch):
+    from finetune.models import loading
+
+    real_load, initial = loading.load_model, {}
+
+    def load_and_remember(*args, **kwargs):  # the weights as built, before the first step
+        model, info = real_load(*args, **kwargs)
+        initial.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return model, info
+
+    monkeypatch.setattr(loading, "load_model", load_and_remember)
     recipe = recipe_from_dict(tiny_pretrain_recipe(in_tmp, max_steps=30, save_every=10, keep_last=2,
                                                    eval_every=15), "tiny.yaml")
     recipe.data.eval_fraction = 0.2
@@ -116,8 +121,11 @@ def test_pretrain_run_learns_and_writes_the_layout(in_tmp):
     assert [r["step"] for r in evals] == [15, 30] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
         assert key in records[0]
-    # every parameter moved from its initialisation (same seed -> same init)
-    loaded = AutoModelForCausalLM.from_pretrained(final)
+    # every parameter moved from its initialisation and was saved under its own name
+    saved = load_file(final / "model.safetensors")
+    assert initial and set(initial) <= set(saved)
+    assert [n for n in initial if torch.equal(initial[n], saved[n])] == []
+    loaded = AutoModelForCausalLM.from_pretrained(final)  # and the saved config fits its tokenizer
     assert loaded.config.vocab_size == len(__import__("transformers").AutoTokenizer.from_pretrained(final))
 
 
@@ -130,18 +138,9 @@ def test_resumed_run_equals_uninterrupted(in_tmp, monkeypatch):
 
     crashed = recipe_from_dict(base)
     crashed.run.output_dir = str(in_tmp / "crash")
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if path.name == "step-6":
-            raise KeyboardInterrupt  # killed right after the second checkpoint
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    crash_after_checkpoint(monkeypatch, 6)  # killed right after the second checkpoint
     with pytest.raises(KeyboardInterrupt):
         run_recipe(crashed)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert not (in_tmp / "crash" / "final").exists()
     run_recipe(recipe_from_dict(base | {"run": base["run"] | {"output_dir": str(in_tmp / "crash")}}))
     a = trainable_weights(in_tmp / "full" / "final")
@@ -175,10 +174,6 @@ def test_refuses_to_overwrite_a_finished_run(in_tmp):
         run_recipe(recipe_from_dict(data))
 
 
-def losses_of(out: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(out) if "loss" in r]
-
-
 def test_gradient_checkpointing_changes_nothing_numerically(in_tmp):
     plain = tiny_pretrain_recipe(in_tmp, max_steps=3, output_dir=str(in_tmp / "plain"))
     ckpt = tiny_pretrain_recipe(in_tmp, max_steps=3, output_dir=str(in_tmp / "gc"))
@@ -192,14 +187,55 @@ def test_gradient_checkpointing_changes_nothing_numerically(in_tmp):
     ("run", "precision", "bf16"), ("optim", "name", "adamw_8bit"), ("run", "report_to", ["tensorboard"]),
     ("run", "grad_accum", 3),
 ])
-def test_engine_options_run_and_learn(in_tmp, section, key, value):
+def test_engine_options_run_and_learn(in_tmp, monkeypatch, section, key, value):
     data = tiny_pretrain_recipe(in_tmp, max_steps=5)
     data[section][key] = value
+    seen = spy_on_the_engine(monkeypatch)
     run_recipe(recipe_from_dict(data))  # several in one process: accelerate state is released
     losses = losses_of(in_tmp / "out")
     assert len(losses) == 5 and losses[-1] < losses[0]
     if value == ["tensorboard"]:
         assert list((in_tmp / "out" / "logs").rglob("events.out.tfevents.*"))
+    # The option's mechanism, not only a falling loss: autocast in the forward ...
+    bf16 = value == "bf16"
+    assert seen["autocast"] and set(seen["autocast"]) == {(True, torch.bfloat16) if bf16 else (False, None)}
+    # ... the optimizer's class (8-bit: its Adam moments are stored as uint8) ...
+    opt = seen["optimizer"]
+    if value == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        assert isinstance(opt, bnb.optim.AdamW8bit)
+        assert any(v.dtype == torch.uint8 for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    else:
+        assert type(opt) is torch.optim.AdamW
+    # ... and per optimizer step grad_accum micro-batches of micro_batch_size rows, whose tokens
+    # are what metrics.jsonl counts for that step.
+    accum = value if key == "grad_accum" else 1
+    assert [[rows for rows, _ in step] for step in seen["steps"]] == [[4] * accum] * 5
+    tokens = [r["tokens"] for r in read_metrics(in_tmp / "out") if "loss" in r]
+    per_step = [b - a for a, b in zip([0, *tokens], tokens, strict=False)]
+    assert per_step == [sum(n for _, n in step) for step in seen["steps"]]
+
+
+def spy_on_the_engine(monkeypatch) -> dict:
+    """Records the optimizer engine.train builds, autocast as the model's layers run, and the
+    (rows, tokens) of each micro-batch of each optimizer step."""
+    seen = {"autocast": [], "steps": []}
+    real_optimizer, real_accumulate = engine.build_optimizer, engine.accumulate_gradients
+
+    def build_optimizer(recipe, model):
+        seen["optimizer"] = real_optimizer(recipe, model)
+        model.model.layers[0].register_forward_hook(lambda *_: seen["autocast"].append(
+            (True, torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else (False, None)))
+        return seen["optimizer"]
+
+    def accumulate_gradients(accelerator, model, task, micro, *args, **kwargs):
+        seen["steps"].append([(int(b.input_ids.shape[0]), b.num_tokens) for b in micro])
+        return real_accumulate(accelerator, model, task, micro, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "build_optimizer", build_optimizer)
+    monkeypatch.setattr(engine, "accumulate_gradients", accumulate_gradients)
+    return seen
 
 
 @pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine"])

@@ -26,7 +26,7 @@ from finetune.infer.eval_cli import (
 from finetune.infer.inference import Completion, Settings, generate, load_for_inference
 from finetune.recipe.schema import RewardCfg
 from finetune.rl.rewards import build_rewards
-from tests.conftest import save_tiny_chat_model, write
+from tests.conftest import save_tiny_chat_model, save_tiny_reward_model, write
 
 QUESTIONS = ["What is 2 + 3?", "What is 7 + 5?", "What is 9 - 4?", "What is 1 + 1?"]
 
@@ -171,14 +171,9 @@ def test_reward_function_mean(run_dir, lm, tmp_path, capsys):
 
 
 def test_reward_model_mean(run_dir, lm, tmp_path, capsys):
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     from finetune.models.reward_model import RewardModelScorer
 
-    config = AutoConfig.from_pretrained(run_dir / "final", num_labels=1)
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
-    lm.tokenizer.save_pretrained(tmp_path / "rm")
+    save_tiny_reward_model(tmp_path / "rm", run_dir / "final")
     data = jsonl(tmp_path / "p.jsonl", [{"prompt": q} for q in QUESTIONS[:2]])
     rc, _, err = run([str(run_dir), "--data", str(data), "--task", "reward", "--max-new-tokens", "4",
                       "--reward-model", str(tmp_path / "rm"), "--out", str(tmp_path / "r.json")], capsys)

@@ -16,16 +16,17 @@ from finetune.infer import inference
 from finetune.infer.generate_cli import add_chat_arguments, add_generate_arguments, cmd_chat, cmd_generate
 from finetune.infer.inference import Settings, StreamPrinter, generate, load_for_inference, resolve_model_ref
 from finetune.models.merge import merge_adapter
-from tests.conftest import save_tiny_chat_model, write
+from tests.conftest import write
 from tests.test_adapter import make_base
 from tests.test_merge import perturbed_adapter
+from tests.tiny_cache import shared_tiny_model
 
 PROMPTS = ["What is 2 + 3?", "hi", [{"role": "user", "content": "What is 11 + 7? Answer with one number."}]]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_chat_model(tmp_path_factory.mktemp("inf") / "model")
+    return shared_tiny_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,12 @@ from safetensors.torch import load_file
 from finetune.cli.main import main
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
-from tests.conftest import save_tiny_chat_model, tiny_sft_recipe, write
+from tests.conftest import free_port, read_metrics, save_tiny_chat_model, tiny_sft_recipe, write
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_chat_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sft(tmp, model_dir, name: str, micro_batch_size: int, **run) -> dict:
@@ -59,8 +53,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(in_tmp, model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_weights(in_tmp / "one", in_tmp / "two")
     # rank 0 alone writes: one record per logged step, one final/, the generated accelerate config
-    steps = [json.loads(x)["step"] for x in (in_tmp / "two" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(x)]
+    steps = [r["step"] for r in read_metrics(in_tmp / "two") if "loss" in r]
     assert steps == [1, 2, 3]
     assert "num_processes: 2" in (in_tmp / "two" / "accelerate_config.yaml").read_text()
     assert "2 proc" in proc.stderr and proc.stderr.count("done:") == 1

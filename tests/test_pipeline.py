@@ -53,9 +53,11 @@ def test_stages_run_in_order_then_are_skipped(in_tmp, capsys):
     assert sft_recipe["model"]["name"] == str(root / "pretrain" / "final")
     results = json.loads((root / "pipeline.json").read_text())
     assert [r["stage"] for r in results] == ["pretrain", "sft", "merged"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results)
+    assert [r["model"] for r in results] == [str(root / "pretrain/final"), str(root / "sft/final"),
+                                             str(root / "merged")]
     # merged == adapter: the same greedy answers, hence the same accuracy
     assert results[1]["accuracy"] == results[2]["accuracy"]
+    assert_merged_is_the_adapter(root, [json.loads(x)["prompt"] for x in (in_tmp / "prompts.jsonl").open()])
     capsys.readouterr()
     before = (root / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns
     assert main(["run", path]) == 0
@@ -63,6 +65,25 @@ def test_stages_run_in_order_then_are_skipped(in_tmp, capsys):
     assert err.count("finished earlier") == 3 and "held-out accuracy" in err
     assert (root / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns == before
     assert (root / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def assert_merged_is_the_adapter(root, prompts: list[str]) -> None:
+    """The merged stage answers as the sft adapter on its base does, and that adapter has moved the
+    pretrained model: the accuracies above are all 0.0 on so short a run, so they cannot show it."""
+    import torch
+
+    from finetune.infer.inference import Settings, encode, generate, load_for_inference
+
+    lms = {name: load_for_inference(str(root / path))
+           for name, path in (("pretrain", "pretrain/final"), ("sft", "sft/final"), ("merged", "merged"))}
+    assert lms["sft"].ref.kind == "adapter" and lms["merged"].ref.kind == "model"
+    greedy = {name: [c.ids for c in generate(lm, prompts, Settings(max_new_tokens=8))] for name, lm in lms.items()}
+    assert greedy["merged"] == greedy["sft"]
+    with torch.no_grad():
+        ids = torch.tensor([encode(lms["sft"].tokenizer, prompts[0], raw=False)])
+        logits = {name: lm.model(input_ids=ids).logits for name, lm in lms.items()}
+    moved = (logits["sft"] - logits["pretrain"]).abs().max()
+    assert (logits["merged"] - logits["sft"]).abs().max() < 1e-3 * moved, moved
 
 
 def test_overwrite_reruns_a_stage_and_everything_after_it(in_tmp, capsys):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import socket
 import subprocess
 import sys
 
@@ -27,7 +26,8 @@ from finetune.run.launch import run_recipe
 from finetune.train.engine import release_accelerator
 from finetune.train.losses import gather_logprobs
 from finetune.trainers.ppo import PPO
-from tests.conftest import ROOT, save_tiny_chat_model, write
+from tests.conftest import ROOT, free_port, save_tiny_chat_model, save_tiny_reward_model, write
+from tests.conftest import read_metrics as records
 
 VOCAB, TARGET = 16, 3
 
@@ -259,10 +259,6 @@ def ppo_recipe(tmp, model_dir, **ppo) -> dict:
     }
 
 
-def records(out) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_recipe_run_logs_every_quantity_and_writes_a_loadable_policy(in_tmp, chat_model, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -333,17 +329,13 @@ def test_prompt_longer_than_the_room_left_for_generation(in_tmp, chat_model):
 
 
 def test_critic_from_a_reward_model_with_another_tokenizer(in_tmp, chat_model):
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from finetune.data.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([f"other words {i}" for i in range(50)], vocab_size=300, chat_template="chatml")
     assert tok.chat_template == AutoTokenizer.from_pretrained(chat_model).chat_template
-    rm = in_tmp / "rm"
-    config = AutoConfig.from_pretrained(chat_model)
-    config.num_labels, config.vocab_size = 1, len(tok)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm)
-    tok.save_pretrained(rm)
+    rm = save_tiny_reward_model(in_tmp / "rm", chat_model, tok)
     data = ppo_recipe(in_tmp, chat_model)
     data["trainer"]["rewards"] = [{"type": "model", "path": str(rm)}]
     with pytest.raises(RecipeError, match="different tokenizer than the policy"):
@@ -415,11 +407,8 @@ def test_kl_regularised_bandit_reaches_the_analytic_optimum():
 def test_finetune_launch_runs_ppo_in_two_processes(in_tmp, chat_model):
     data = ppo_recipe(in_tmp, chat_model)
     path = write(in_tmp / "r.yaml", json.dumps(data))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "finetune", "launch", str(path), "--num-processes", "2",
-                           "--master", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=300)
+                           "--master", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = records(in_tmp / "ppo")  # rank 0 alone writes: one record per update and eval
     assert [r["step"] for r in logged if "score" in r] == [1, 2]
@@ -448,11 +437,8 @@ torch.save({"start": start, "params": flat, "record": record, "world": ppo.acc.n
 @pytest.mark.slow
 def test_two_process_ddp_run_keeps_every_rank_identical(tmp_path):
     script = write(tmp_path / "worker.py", DDP_WORKER)
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(script), str(tmp_path), str(ROOT)],
+                           "--master_port", str(free_port()), str(script), str(tmp_path), str(ROOT)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from finetune.recipe.schema import load_recipe
 from finetune.run.launch import run_recipe
 from finetune.run.pipeline import run_pipeline
-from tests.conftest import ROOT
+from tests.conftest import ROOT, read_metrics
 
 # One xdist group: the story's module fixture runs once, on one worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("story")]
@@ -22,13 +23,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("story")]
 # 0.150 -> 0.180 (frozen for the critic's warm-up -> last 5 of 12 updates), 0.171 -> 0.200 (of 10).
 RS_HELD_OUT_GAIN = 0.05   # 300 prompts: standard error of a difference ~0.04
 RS_TRAIN_GAIN = 0.01      # 12,240 samples per round: standard error ~0.004 (measured +0.028 to +0.046)
-# 512 rollouts per update: the difference has a standard error ~0.015, so only "it rose" is
-# asserted here; the toy tasks in test_ppo.py hold PPO to its numbers.
-PPO_TRAIN_GAIN = 0.0
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+# The story's 10 PPO updates raise the training score by +0.03 to +0.04 (above), but 512 rollouts
+# per update put a standard error of ~0.014 on that difference: no threshold separates it from a
+# frozen policy (gain 0 +- 0.014) without failing one real run in ten. So the stage is held to
+# what it must show for sure (the warm-up froze the policy, then it moved, KL-bounded, without
+# losing held-out accuracy), and PPO's learning to the toy tasks of test_ppo.py (emit-the-target
+# 0.06 -> >= 0.9, copy-the-token, negated advantages make the reward fall, the bandit's optimum).
+PPO_HELD_OUT_LOSS = 0.08  # a no-collapse bound: measured -0.01 and +0.03; a paired difference's
+                          # standard error on 300 prompts is ~0.02-0.03
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def story(tmp_path_factory, monkeypatch_module):
 
 def test_pretraining_learns_the_language(story):
     root, _ = story
-    evals = [r for r in metrics(root / "pretrain") if "eval_loss" in r]
+    evals = [r for r in read_metrics(root / "pretrain") if "eval_loss" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 400
     assert evals[-1]["eval_loss"] < 0.3 * evals[0]["eval_loss"]
 
@@ -68,7 +70,7 @@ def test_every_stage_is_scored_and_drawn(story):
 
 def test_rejection_sampling_raises_held_out_pass_at_1(story):
     root, acc = story
-    rounds = [r for r in metrics(root / "rs") if "round" in r]
+    rounds = [r for r in read_metrics(root / "rs") if "round" in r]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     # Each round samples from the previous round's model: the verified pass rate of the samples on
     # the training prompts rises, and the skill (restating the question) carries over to held-out.
@@ -78,14 +80,21 @@ def test_rejection_sampling_raises_held_out_pass_at_1(story):
     assert acc["rs"] == pytest.approx(rounds[3]["eval_pass@1"], abs=1e-4)
 
 
-def test_ppo_raises_the_reward_with_kl_bounded(story):
+def test_ppo_moves_the_policy_after_the_warm_up_with_kl_bounded(story):
+    from safetensors.torch import load_file
+
     root, acc = story
-    updates = [r for r in metrics(root / "ppo") if "score" in r]
-    frozen = [r["score"] for r in updates[:2]]  # critic warm-up: the policy has not moved yet
-    late = [r["score"] for r in updates[-5:]]
-    assert sum(late) / len(late) > sum(frozen) / len(frozen) + PPO_TRAIN_GAIN, updates
-    assert max(r["kl"] for r in updates) < 1.0, updates
-    assert acc["ppo"] >= acc["merged"] - 0.05, acc
+    updates = [r for r in read_metrics(root / "ppo") if "score" in r]
+    assert len(updates) == 10, updates
+    # Critic warm-up (2 updates): the rollouts of updates 1-3 come from the unchanged policy, so
+    # they are sampled from the reference itself (KL 0 up to float rounding) ...
+    assert all(abs(r["kl"]) < 1e-3 for r in updates[:3]), updates
+    # ... then the policy moves away from it, and the KL penalty keeps it close.
+    assert all(r["kl"] > 0.01 for r in updates[-3:]) and max(r["kl"] for r in updates) < 1.0, updates
+    merged = load_file(root / "merged" / "model.safetensors")
+    ppo = load_file(root / "ppo" / "final" / "model.safetensors")
+    assert merged.keys() == ppo.keys() and any(not torch.equal(merged[k], ppo[k]) for k in merged)
+    assert acc["ppo"] >= acc["merged"] - PPO_HELD_OUT_LOSS, acc
 
 
 def test_lora_sft_learns_and_its_merge_answers_the_same(story, tmp_path):
@@ -96,7 +105,7 @@ def test_lora_sft_learns_and_its_merge_answers_the_same(story, tmp_path):
     out = tmp_path / "lora"
     adapter = run_recipe(load_recipe(ROOT / "recipes/sft_lora_cpu.yaml",
                                      [f"model.name={root / 'pretrain' / 'final'}", f"run.output_dir={out}"]))
-    evals = [r for r in metrics(out) if "eval_exact_match" in r]
+    evals = [r for r in read_metrics(out) if "eval_exact_match" in r]
     assert evals[-1]["eval_exact_match"] >= evals[0]["eval_exact_match"] + 0.25, evals
     merge_adapter(adapter, tmp_path / "merged")
     pipe, _ = load_pipeline(ROOT / "recipes/quickstart.yaml")

@@ -21,7 +21,7 @@ from finetune.recipe.schema import load_recipe, recipe_from_dict
 from finetune.run.launch import run_recipe
 from finetune.train import checkpoint, engine
 from finetune.train.guards import PREEMPTED_EXIT, StopSignal, TrainingStopped
-from tests.conftest import save_tiny_chat_model, tiny_pretrain_recipe, tiny_sft_recipe, write
+from tests.conftest import read_metrics, save_tiny_chat_model, tiny_pretrain_recipe, tiny_sft_recipe, write
 
 
 def final_weights(out) -> dict[str, torch.Tensor]:
@@ -32,10 +32,6 @@ def assert_equal_weights(a, b) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(in_tmp):
@@ -103,7 +99,7 @@ def nan_on_calls(monkeypatch, bad_calls) -> None:
 def test_nan_step_is_skipped_and_counted(in_tmp, monkeypatch):
     nan_on_calls(monkeypatch, lambda n: n == 3)
     run_recipe(recipe_from_dict(tiny_pretrain_recipe(in_tmp, max_steps=5)))
-    records = [r for r in metrics(in_tmp / "out") if "loss" in r]
+    records = [r for r in read_metrics(in_tmp / "out") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # the bad batch did not count as a step
     assert records[-1]["skipped_steps"] == 1 and "skipped_steps" not in records[1]
     assert all(r["loss"] == r["loss"] for r in records if r["step"] != 3)

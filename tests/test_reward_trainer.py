@@ -21,7 +21,7 @@ from finetune.models.reward_model import (
 )
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
-from tests.conftest import write
+from tests.conftest import read_metrics, save_tiny_reward_model, write
 from tests.tiny_cache import shared_tiny_model
 
 
@@ -54,16 +54,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reward_model_dir(tiny_model_dir, tmp_path_factory):
     """A (randomly initialised) reward model saved as trainer.type reward saves one."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("rm") / "reward"
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_reward_model(tmp_path_factory.mktemp("rm") / "reward", tiny_model_dir)
 
 
 def test_reward_is_read_at_the_last_real_token_whatever_the_padding(reward_model_dir):
@@ -165,16 +156,12 @@ def reward_recipe(tmp, model_dir, **extra) -> dict:
     return recipe
 
 
-def metrics(out) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_reward_trainer_learns_a_preference_and_saves_a_loadable_model(in_tmp, tiny_model_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
     final = run_recipe(recipe_from_dict(reward_recipe(in_tmp, tiny_model_dir)))
-    evals = [r for r in metrics(in_tmp / "rm") if "eval_accuracy" in r]
+    evals = [r for r in read_metrics(in_tmp / "rm") if "eval_accuracy" in r]
     assert evals[0]["step"] == 0 and evals[-1]["eval_accuracy"] == 1.0
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.2
     model = AutoModelForSequenceClassification.from_pretrained(final)
@@ -194,7 +181,7 @@ def test_lora_reward_model_trains_its_head_and_loads_back(in_tmp, tiny_model_dir
     final = run_recipe(recipe_from_dict(recipe))
     config = json.loads((final / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
-    evals = [r for r in metrics(in_tmp / "rm") if "eval_accuracy" in r]
+    evals = [r for r in read_metrics(in_tmp / "rm") if "eval_accuracy" in r]
     assert evals[-1]["eval_accuracy"] == 1.0 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.2
     ids = torch.tensor([[5, 6, 7, 8]])
     mask = torch.ones_like(ids)

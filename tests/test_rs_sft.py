@@ -14,7 +14,7 @@ from finetune.recipe.schema import recipe_from_dict
 from finetune.rl.selection import ScoredSample, SelectionRule, distinct_n, preference_pairs, round_stats, select_samples
 from finetune.run.launch import run_recipe
 from finetune.trainers.rs_sft import RoundRunner, round_recipe
-from tests.conftest import write
+from tests.conftest import read_metrics, save_tiny_reward_model, write
 from tests.tiny_cache import shared_tiny_model
 
 
@@ -133,10 +133,6 @@ def rs_recipe(tmp: Path, model_dir: Path, reward: str, **rejection) -> dict:
     }
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_rounds_accumulate_continue_and_resume(in_tmp, tiny_model_dir, often_stopping):
     from safetensors.torch import load_file
 
@@ -144,9 +140,9 @@ def test_rounds_accumulate_continue_and_resume(in_tmp, tiny_model_dir, often_sto
     final = run_recipe(recipe_from_dict(recipe))
     out = in_tmp / "rs"
     r1, r2 = out / "rounds/round-1", out / "rounds/round-2"
-    assert [r["round"] for r in records(out)] == [0, 1, 2]
+    assert [r["round"] for r in read_metrics(out)] == [0, 1, 2]
     assert {"acceptance_rate", "reward_max", "reward_median", "distinct_2", "eval_pass@1", "eval_pass@n",
-            "sft_steps"} <= set(records(out)[2])
+            "sft_steps"} <= set(read_metrics(out)[2])
     rows = [json.loads(x) for x in (r2 / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 * 4 and all(r["stopped"] and r["completion"].strip() for r in rows if r["kept"])
     for p in range(8):  # best_of_n: the longest stopped, non-empty completion of each prompt
@@ -170,7 +166,7 @@ def test_rounds_accumulate_continue_and_resume(in_tmp, tiny_model_dir, often_sto
         shutil.rmtree(gone) if gone.is_dir() else gone.unlink()
     run_recipe(recipe_from_dict(recipe))
     assert (r2 / "samples.jsonl").read_text() == samples_before
-    assert [r["round"] for r in records(out)] == [0, 1, 2, 2]
+    assert [r["round"] for r in read_metrics(out)] == [0, 1, 2, 2]
     assert (out / "final/model.safetensors").is_file()
     changed = rs_recipe(in_tmp, tiny_model_dir, "reward_length", select="top_k")
     (out / "final").rename(out / "final-old")
@@ -185,7 +181,7 @@ def test_a_threshold_never_met_stops_round_one_with_a_clear_error(in_tmp, tiny_m
         run_recipe(recipe_from_dict(recipe))
     rows = (in_tmp / "rs/rounds/round-1/samples.jsonl").read_text().splitlines()
     assert len(rows) == 32 and not any(json.loads(r)["kept"] for r in rows)
-    assert "stopped" in records(in_tmp / "rs")[-1]
+    assert "stopped" in read_metrics(in_tmp / "rs")[-1]
 
 
 def test_a_round_that_keeps_nothing_ends_the_run_with_the_previous_model_adapter(in_tmp, tiny_model_dir,
@@ -199,7 +195,7 @@ def test_a_round_that_keeps_nothing_ends_the_run_with_the_previous_model_adapter
     assert (final / "adapter_config.json").is_file()
     assert (final / "adapter_model.safetensors").read_bytes() == \
         (out / "rounds/round-1/final/adapter_model.safetensors").read_bytes()
-    last = records(out)[-1]
+    last = read_metrics(out)[-1]
     assert last["round"] == 2 and last["kept"] == 0 and "stopped" in last
     assert not (out / "rounds/round-2/final").exists()
 
@@ -266,15 +262,7 @@ def test_demo_data_is_reproduced_and_keeps_the_quickstart_split(tmp_path):
 
 
 def test_a_reward_model_scores_the_samples(in_tmp, tiny_model_dir, often_stopping):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    rm_dir = in_tmp / "rm"
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    rm.config.pad_token_id = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
-    rm.save_pretrained(rm_dir)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm_dir)
+    rm_dir = save_tiny_reward_model(in_tmp / "rm", tiny_model_dir)
     recipe = rs_recipe(in_tmp, tiny_model_dir, "reward_zero", rounds=1, eval_rewards=[{"type": "numeric"}])
     recipe["trainer"]["rewards"] = [{"type": "model", "path": str(rm_dir)}]
     run_recipe(recipe_from_dict(recipe))

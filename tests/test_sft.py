@@ -12,16 +12,13 @@ from finetune.cli.main import main
 from finetune.errors import DataError
 from finetune.recipe.schema import recipe_from_dict
 from finetune.run.launch import run_recipe
-from tests.conftest import save_tiny_chat_model, tiny_sft_recipe, write
+from tests.conftest import read_metrics, tiny_sft_recipe, write
+from tests.tiny_cache import shared_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    return save_tiny_chat_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return shared_tiny_model(tmp_path_factory)
 
 
 def test_sft_run_trains_every_weight_and_lowers_loss(in_tmp, tiny_model_dir):
@@ -29,7 +26,7 @@ def test_sft_run_trains_every_weight_and_lowers_loss(in_tmp, tiny_model_dir):
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(final / "model.safetensors")
     assert before.keys() == after.keys()
     assert all(not torch.equal(before[k], after[k]) for k in before)
-    records = metrics(in_tmp / "sft")
+    records = read_metrics(in_tmp / "sft")
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0]
     assert "eval_exact_match" in records[-1]
@@ -44,7 +41,7 @@ def first_step_loss(tmp, model_dir, micro_batch_size=8, **data) -> float:
     recipe["run"]["output_dir"] = str(tmp / f"run-{len(list(tmp.iterdir()))}")
     recipe["run"]["micro_batch_size"] = micro_batch_size
     out = run_recipe(recipe_from_dict(recipe)).parent
-    return metrics(out)[0]["loss"]
+    return read_metrics(out)[0]["loss"]
 
 
 def test_padded_padding_free_and_packed_give_the_same_loss(in_tmp, tiny_model_dir):
