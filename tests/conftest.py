@@ -19,12 +19,16 @@ os.environ["FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="finetune-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# torch's own thread count, before the xdist workers lower it: the quickstart story's numbers were
+# measured with it (its results depend on the reduction order), so the story runs with it.
+DEFAULT_THREADS = None
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per xdist worker (and per process a test starts): two workers on two cores
     # otherwise oversubscribe them, and tiny models gain nothing from intra-op threads.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
+    DEFAULT_THREADS = torch.get_num_threads()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
 

@@ -12,7 +12,7 @@ import torch
 from finetune.recipe.schema import load_recipe
 from finetune.run.launch import run_recipe
 from finetune.run.pipeline import run_pipeline
-from tests.conftest import ROOT, read_metrics
+from tests.conftest import DEFAULT_THREADS, ROOT, read_metrics
 
 # One xdist group: the story's module fixture runs once, on one worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("story")]
@@ -44,7 +44,12 @@ def monkeypatch_module():
 def story(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.chdir(ROOT)  # the recipes use repo-relative data paths
     out = tmp_path_factory.mktemp("story") / "quickstart"
-    root = run_pipeline(ROOT / "recipes/quickstart.yaml", [f"pipeline.output_dir={out}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEFAULT_THREADS or threads)  # as measured (xdist workers run on one thread)
+    try:
+        root = run_pipeline(ROOT / "recipes/quickstart.yaml", [f"pipeline.output_dir={out}"])
+    finally:
+        torch.set_num_threads(threads)
     return root, {r["stage"]: r["accuracy"] for r in json.loads((root / "pipeline.json").read_text())}
 
 
