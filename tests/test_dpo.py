@@ -113,6 +113,23 @@ def test_first_step_is_log2_with_zero_rewards_and_training_moves_them(in_tmp, ti
     assert set(first) >= {"rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"}
     last_eval = recs[-1]
     assert last_eval["eval_rewards/chosen"] != 0 and "eval_rewards/accuracy" in last_eval
+    if adapter is None:  # the held-out means the engine logged == the same pairs scored here at once
+        from transformers import AutoModelForCausalLM
+
+        from finetune.trainers import dpo
+
+        prepared = dpo.prepare(recipe_from_dict(recipe))
+        units = prepared.eval_units
+        batch = dpo.collate_pairs(units, False, prepared.tokenizer.pad_token_id)
+        with torch.no_grad():
+            ref = dpo.DPOLoss.logps(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch)[0]
+            batch.ref_logps = ref
+            loss_sum, stats = dpo.DPOLoss(recipe_from_dict(recipe).trainer.dpo)(
+                AutoModelForCausalLM.from_pretrained(in_tmp / "dpo" / "final"), batch)
+        assert last_eval["eval_loss"] == pytest.approx(loss_sum.item() / len(units), abs=1e-5)
+        for name in ("rewards/chosen", "rewards/margin", "rewards/accuracy", "logps/rejected"):
+            # metrics.jsonl keeps 6 significant digits
+            assert last_eval[f"eval_{name}"] == pytest.approx(stats[name].item() / len(units), rel=1e-5, abs=1e-5)
 
 
 def test_lora_reference_by_disabled_adapter_equals_the_precomputed_one(in_tmp, tiny_model_dir):
