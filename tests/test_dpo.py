@@ -179,7 +179,7 @@ def test_bad_input_is_one_clear_error(in_tmp, tiny_model_dir):
     assert not (in_tmp / "dpo").exists()
 
 
-def test_preference_masks_train_the_reply_and_its_end_of_turn_only(in_tmp, tiny_model_dir):
+def test_preference_masks_train_the_reply_and_its_end_of_turn_only(in_tmp, tiny_model_dir, capsys):
     from finetune.trainers import dpo
 
     rows = [{"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
@@ -195,6 +195,17 @@ def test_preference_masks_train_the_reply_and_its_end_of_turn_only(in_tmp, tiny_
     trained = [[tok.decode([i for i, label in zip(u[side]["input_ids"], u[side]["labels"], strict=True)
                             if label != -100]) for side in ("chosen", "rejected")] for u in prepared.train_units]
     assert trained == [["2 + 2 = 4<|im_end|>", "2 + 2 = 5<|im_end|>"], ["1 + 1 = 2<|im_end|>", "11<|im_end|>"]]
+    # `finetune data` shows the same masks, chosen then rejected
+    import yaml
+
+    from finetune.cli.main import main
+
+    path = write(in_tmp / "dpo.yaml", yaml.safe_dump(recipe))
+    capsys.readouterr()
+    assert main(["data", str(path), "--json", "--samples", "4"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert ["".join(t for t, m in zip(s["tokens"], s["labels_mask"], strict=True) if m) for s in shown] == \
+        [text for pair in trained for text in pair]
 
 
 @pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("ipo", {}), ("simpo", {"beta": 2.0})])
@@ -211,3 +222,27 @@ def test_each_loss_learns_the_quickstart_preferences(in_tmp, tiny_model_dir, los
     assert train[-1]["rewards/margin"] > train[0]["rewards/margin"] + 0.3
     assert train[-1]["rewards/accuracy"] >= 0.9 > train[0]["rewards/accuracy"]
     assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_padding_free_and_padded_batches_give_the_same_loss_and_gradients(in_tmp, tiny_model_dir):
+    """Chosen and rejected concatenated in one row (attention kept per sample) == padded rows."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.train.attention import enable_packed_attention
+    from finetune.trainers import dpo
+
+    recipe = recipe_from_dict(dpo_recipe(in_tmp, tiny_model_dir, n=6, loss="simpo", beta=2.0))
+    prepared = dpo.prepare(recipe)
+    model = enable_packed_attention(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    results = []
+    for flat in (True, False):
+        model.zero_grad()
+        batch = dpo.collate_pairs(prepared.train_units, flat, prepared.tokenizer.pad_token_id)
+        assert batch.input_ids.shape[0] == (1 if flat else 12)
+        loss, stats = dpo.DPOLoss(recipe.trainer.dpo)(model, batch)
+        loss.backward()
+        results.append((loss.item(), stats["rewards/margin"].item(), [p.grad.clone() for p in model.parameters()]))
+    (a, ma, ga), (b, mb, gb) = results
+    assert a == pytest.approx(b, rel=1e-5) and ma == pytest.approx(mb, abs=1e-5)  # a difference of ~11s
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
