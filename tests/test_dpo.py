@@ -246,3 +246,23 @@ def test_padding_free_and_padded_batches_give_the_same_loss_and_gradients(in_tmp
     assert a == pytest.approx(b, rel=1e-5) and ma == pytest.approx(mb, abs=1e-5)  # a difference of ~11s
     for x, y in zip(ga, gb, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_dpo_is_a_pipeline_stage_after_sft(in_tmp, tiny_model_dir):
+    import yaml
+
+    from finetune.run.pipeline import run_pipeline
+    from tests.conftest import tiny_sft_recipe
+
+    sft = tiny_sft_recipe(in_tmp, tiny_model_dir, max_steps=2)
+    sft["trainer"]["exact_match_samples"] = 0
+    sft["data"].pop("eval")
+    write(in_tmp / "sft.yaml", yaml.safe_dump(sft))
+    write(in_tmp / "dpo.yaml", yaml.safe_dump(dpo_recipe(in_tmp, "placeholder", n=8) | {"adapter": {"r": 4}}))
+    stages = [{"name": "sft", "recipe": "sft.yaml"},
+              {"name": "dpo", "recipe": "dpo.yaml", "overrides": {"model.name": "stage:sft", "run.max_steps": 2}}]
+    pipe = {"pipeline": {"output_dir": str(in_tmp / "story")}, "stages": stages}
+    root = run_pipeline(write(in_tmp / "pipe.yaml", yaml.safe_dump(pipe)))
+    assert (root / "dpo" / "final" / "adapter_config.json").is_file()
+    assert yaml.safe_load((root / "dpo" / "recipe.yaml").read_text())["model"]["name"] == str(root / "sft" / "final")
+    assert any("rewards/margin" in r for r in records(root / "dpo"))
