@@ -266,3 +266,21 @@ def test_dpo_is_a_pipeline_stage_after_sft(in_tmp, tiny_model_dir):
     assert (root / "dpo" / "final" / "adapter_config.json").is_file()
     assert yaml.safe_load((root / "dpo" / "recipe.yaml").read_text())["model"]["name"] == str(root / "sft" / "final")
     assert any("rewards/margin" in r for r in records(root / "dpo"))
+
+
+def test_sft_weight_adds_the_chosen_replies_nll_per_token(in_tmp, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.trainers import dpo
+
+    recipe = recipe_from_dict(dpo_recipe(in_tmp, tiny_model_dir, n=4, loss="simpo", beta=2.0))
+    prepared = dpo.prepare(recipe)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = dpo.collate_pairs(prepared.train_units, False, prepared.tokenizer.pad_token_id)
+    plain, _ = dpo.DPOLoss(recipe.trainer.dpo)(model, batch)
+    recipe.trainer.dpo.sft_weight = 0.5
+    with_nll, stats = dpo.DPOLoss(recipe.trainer.dpo)(model, batch)
+    logps, counts = dpo.DPOLoss.logps(model, batch)
+    nll = sum(-logps[k].item() / counts[k].item() for k in range(4))  # the chosen replies are samples 0..3
+    assert with_nll.item() == pytest.approx(plain.item() + 0.5 * nll, rel=1e-5)
+    assert stats["nll/chosen"].item() == pytest.approx(nll, rel=1e-5)

@@ -238,6 +238,7 @@ class DPOCfg(Section):
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # flip rate: cDPO (sigmoid, simpo), rDPO (robust)
     gamma: float = 0.5                                  # simpo: the target reward margin
+    sft_weight: float = Field(0.0, ge=0)  # + weight x the chosen reply's NLL per token (RPO, Pang et al. 2024)
     precompute_ref: bool | None = None  # null: precomputed for full weights, adapter disabled under LoRA
 
     @model_validator(mode="after")

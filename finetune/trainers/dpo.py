@@ -171,7 +171,13 @@ class DPOLoss:
                               cfg.label_smoothing, cfg.gamma)
         stats = out.stats()
         stats["logps/chosen"], stats["logps/rejected"] = logps[:p].detach().sum(), logps[p:].detach().sum()
-        return out.losses.sum(), stats
+        losses = out.losses
+        if cfg.sft_weight:
+            # Keeps the chosen reply likely: DPO alone may lower both replies and move the mass elsewhere.
+            nll = -logps[:p] / counts[:p].clamp(min=1)
+            losses = losses + cfg.sft_weight * nll
+            stats["nll/chosen"] = nll.detach().sum()
+        return losses.sum(), stats
 
 
 def reference_pass(units_lists: list[list[dict]], collate, batch_size: int, adapter_model=None):
