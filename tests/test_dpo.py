@@ -284,3 +284,33 @@ def test_sft_weight_adds_the_chosen_replies_nll_per_token(in_tmp, tiny_model_dir
     nll = sum(-logps[k].item() / counts[k].item() for k in range(4))  # the chosen replies are samples 0..3
     assert with_nll.item() == pytest.approx(plain.item() + 0.5 * nll, rel=1e-5)
     assert stats["nll/chosen"].item() == pytest.approx(nll, rel=1e-5)
+
+
+def test_engine_statistics_in_eval_are_global_means_with_the_same_reductions_on_every_rank(in_tmp):
+    """A rank whose share of the last eval batch is empty still reduces every statistic (so no rank
+    waits on another), and the ranks' sums give the one-process means."""
+    from finetune.train import engine
+    from finetune.train.collate import collate_padded
+    from tests.conftest import tiny_pretrain_recipe
+    from tests.test_engine import samples_of_different_lengths, tiny_model
+    from tests.test_scaleout import RankOf
+
+    model = tiny_model()
+
+    def loss_sum(m, batch):
+        return engine.causal_lm_loss_sum(m, batch), {"rows": torch.tensor(float(batch.input_ids.shape[0]))}
+
+    units = samples_of_different_lengths()[:1]  # 1 unit, 2 ranks: rank 1 only runs a stand-in forward
+    task = engine.SupervisedTask(model=model, tokenizer=None, train_units=[], eval_units=units,
+                                 collate=lambda s: collate_padded(s, pad_id=0), loss_sum=loss_sum)
+    r = recipe_from_dict(tiny_pretrain_recipe(in_tmp, micro_batch_size=1))
+    one = engine.evaluate(r, task, model, RankOf(0, 1))
+    sums = []
+    for rank in range(2):
+        acc = RankOf(rank, 2)
+        engine.evaluate(r, task, model, acc)
+        sums.append(acc.sums)
+    assert len(sums[0]) == len(sums[1]) == 3  # loss, trained tokens, rows
+    loss, trained, rows = (a + b for a, b in zip(*sums, strict=True))
+    assert loss / trained == pytest.approx(one["eval_loss"], rel=1e-9)
+    assert rows / trained == pytest.approx(one["eval_rows"], rel=1e-9) and one["eval_rows"] > 0

@@ -454,8 +454,9 @@ def evaluate(recipe: Recipe, task: SupervisedTask, model, accelerator) -> dict:
         loss += loss_sum.double()
         add_stats(stats, batch_stats)
         trained += task.count_tokens(batch)
+    loss = float(_global_sum(accelerator, loss))
     trained = _global_sum(accelerator, trained)
-    total = float(_global_sum(accelerator, loss)) / max(trained, 1)
+    total = loss / max(trained, 1)
     result = {"eval_loss": total, "eval_ppl": math.exp(min(total, 50.0)),
               **mean_stats(accelerator, stats, trained, "eval_")}
     if task.evaluate_extra is not None:
