@@ -80,7 +80,7 @@ def test_zero_batch_rejected(tmp_path):
 
 
 def test_bad_enum_value(tmp_path):
-    msg = error_of(tmp_path, GOOD.replace("type: sft", "type: dpo"))
+    msg = error_of(tmp_path, GOOD.replace("type: sft", "type: kto"))
     assert "trainer.type" in msg and "pretrain" in msg
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from finetune.errors import RecipeError
 from finetune.recipe.peers import peer_kind, suggestion
 
-TRAINER_TYPES = ("pretrain", "sft", "reward", "rs_sft", "ppo")
+TRAINER_TYPES = ("pretrain", "sft", "reward", "rs_sft", "ppo", "dpo")
 # accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS) -> the module each needs installed.
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
             "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
@@ -231,6 +231,23 @@ class PPOCfg(Section):
         return self
 
 
+class DPOCfg(Section):
+    """dpo: preference optimisation on pairs, no reward model (finetune.trainers.dpo)."""
+
+    loss: Literal["sigmoid", "robust", "ipo", "simpo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # flip rate: cDPO (sigmoid, simpo), rDPO (robust)
+    gamma: float = 0.5                                  # simpo: the target reward margin
+    sft_weight: float = Field(0.0, ge=0)  # + weight x the chosen reply's NLL per token (RPO, Pang et al. 2024)
+    precompute_ref: bool | None = None  # null: precomputed for full weights, adapter disabled under LoRA
+
+    @model_validator(mode="after")
+    def _smoothing_applies(self) -> DPOCfg:
+        if self.label_smoothing and self.loss == "ipo":
+            raise ValueError("label_smoothing applies to the sigmoid, robust and simpo losses, not ipo")
+        return self
+
+
 class TrainerCfg(Section):
     type: Literal[TRAINER_TYPES]  # type: ignore[valid-type]
     train_on: Literal["assistant", "last_assistant", "completion", "all"] = "assistant"
@@ -242,6 +259,7 @@ class TrainerCfg(Section):
     reward_model: RewardModelCfg = Field(default_factory=RewardModelCfg)
     rejection: RejectionCfg = Field(default_factory=RejectionCfg)
     ppo: PPOCfg = Field(default_factory=PPOCfg)
+    dpo: DPOCfg = Field(default_factory=DPOCfg)
 
 
 class OptimCfg(Section):

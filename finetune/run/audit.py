@@ -25,8 +25,13 @@ from finetune.recipe.schema import Recipe
 
 
 def samples_of(units: list) -> list[dict]:
-    """Units are samples, or packed rows (lists of samples)."""
-    return [s for u in units for s in (u if isinstance(u, list) else [u])]
+    """Units are samples, packed rows (lists of samples) or dpo pairs ({"chosen": sample, "rejected": sample})."""
+    def expand(u) -> list[dict]:
+        if isinstance(u, list):
+            return u
+        return [u["chosen"], u["rejected"]] if isinstance(u.get("chosen"), dict) else [u]
+
+    return [s for u in units for s in expand(u)]
 
 
 def audit(recipe: Recipe, as_json: bool = False, show: int = 3) -> int:

@@ -52,13 +52,18 @@ class SupervisedTask:
     train_units: Sequence[dict]
     collate: Callable[[list[dict]], Batch]
     eval_units: Sequence[dict] | None = None
-    loss_sum: Callable[[torch.nn.Module, Batch], torch.Tensor] = causal_lm_loss_sum
+    # The summed loss, or (summed loss, {name: summed statistic}): the engine logs each statistic as
+    # a mean per counted unit over the log window (eval: `eval_<name>`), e.g. DPO's rewards per pair.
+    loss_sum: Callable[[torch.nn.Module, Batch], torch.Tensor | tuple[torch.Tensor, dict]] = causal_lm_loss_sum
     count_tokens: Callable[[Batch], int] = lambda batch: count_trained_tokens(batch.labels)
     # Extra held-out metrics (e.g. exact-match) computed by the trainer on the unwrapped model.
     evaluate_extra: Callable[[torch.nn.Module], dict] | None = None
     # Eval units are single samples even when training units are packed rows.
     eval_collate: Callable[[list[dict]], Batch] | None = None
     notes: list[str] = field(default_factory=list)
+    # Called once with the prepared model and the accelerator, before a checkpoint is restored, so it
+    # sees the starting weights (sharded or not) in the run's autocast: e.g. DPO's reference log-probs.
+    on_prepared: Callable[[torch.nn.Module, Any], None] | None = None
 
 
 class MicroBatchStream:
@@ -185,6 +190,8 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
     optimizer = build_optimizer(recipe, task.model)
     scheduler = build_scheduler(recipe, optimizer, steps)
     model, optimizer = accelerator.prepare(task.model, optimizer)
+    if task.on_prepared is not None:
+        task.on_prepared(model, accelerator)
 
     state = {"step": 0, "micro_index": 0, "tokens_seen": 0, "num_processes": accelerator.num_processes}
     if accelerator.is_main_process:
@@ -337,15 +344,30 @@ def accumulate_gradients(accelerator, model, task: SupervisedTask, micro: list[B
             if deepspeed:
                 accelerator.gradient_state._set_sync_gradients(sync)
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss_sum = task.loss_sum(model, batch)
+                loss_sum, stats = split_loss(task.loss_sum(model, batch))
                 # DDP averages over ranks; x num_processes turns that into the global token mean.
                 accelerator.backward(loss_sum * accelerator.num_processes / step_tokens, **kwargs)
             if window is not None:
-                window.add(loss_sum.detach(), task.count_tokens(batch), batch.num_tokens)
+                window.add(loss_sum.detach(), task.count_tokens(batch), batch.num_tokens, stats)
     finally:
         if deepspeed:
             accelerator.gradient_state._set_sync_gradients(True)
     return step_tokens
+
+
+def split_loss(out) -> tuple[torch.Tensor, dict]:
+    """A task's loss_sum output as (summed loss, summed statistics)."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def add_stats(total: dict, stats: dict) -> None:
+    for name, value in stats.items():
+        total[name] = total.get(name, 0.0) + value.detach().double()
+
+
+def mean_stats(accelerator, total: dict, count: int, prefix: str = "") -> dict:
+    """Summed statistics of all ranks divided by the units counted (the same names on every rank)."""
+    return {prefix + name: float(_global_sum(accelerator, total[name])) / max(count, 1) for name in sorted(total)}
 
 
 def engine_steps_in_backward(accelerator) -> bool:
@@ -372,12 +394,14 @@ class _Window:
         self.loss = torch.zeros((), device=self.device, dtype=torch.float64)
         self.trained = 0
         self.tokens = 0
+        self.stats: dict = {}
         self.start = time.perf_counter()
 
-    def add(self, loss_sum: torch.Tensor, trained: int, tokens: int) -> None:
+    def add(self, loss_sum: torch.Tensor, trained: int, tokens: int, stats: dict | None = None) -> None:
         self.loss += loss_sum.double()
         self.trained += trained
         self.tokens += tokens
+        add_stats(self.stats, stats or {})
 
 
 def _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, steps, stream,
@@ -396,6 +420,7 @@ def _after_step(recipe, task, model, optimizer, scheduler, accelerator, state, s
             "loss": float(loss) / max(trained, 1), "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(window.grad_norm) if window.grad_norm is not None else None,
             "tokens": state["tokens_seen"], "tokens_per_s": tokens / max(elapsed, 1e-9),
+            **mean_stats(accelerator, window.stats, trained),
         }
         if state.get("skipped_steps"):
             record["skipped_steps"] = state["skipped_steps"]
@@ -420,19 +445,25 @@ def evaluate(recipe: Recipe, task: SupervisedTask, model, accelerator) -> dict:
     units = list(task.eval_units)
     collate = task.eval_collate or task.collate
     loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    trained = 0
+    trained, stats = 0, {}
     for idx in eval_batches(len(units), recipe.run.micro_batch_size, accelerator.num_processes,
                             accelerator.process_index, recipe.run.eval_batches):
         if not idx:
             # This rank's share of the last batch is empty: a forward on a stand-in row, its loss
             # dropped, keeps every rank's forward passes (FSDP's/ZeRO-3's all-gathers) paired.
-            task.loss_sum(model, collate(units[:1]).to(accelerator.device))
+            _, dropped = split_loss(task.loss_sum(model, collate(units[:1]).to(accelerator.device)))
+            add_stats(stats, {name: value * 0 for name, value in dropped.items()})  # same names on every rank
             continue
         batch = collate([units[i] for i in idx]).to(accelerator.device)
-        loss += task.loss_sum(model, batch).double()
+        loss_sum, batch_stats = split_loss(task.loss_sum(model, batch))
+        loss += loss_sum.double()
+        add_stats(stats, batch_stats)
         trained += task.count_tokens(batch)
-    total = float(_global_sum(accelerator, loss)) / max(_global_sum(accelerator, trained), 1)
-    result = {"eval_loss": total, "eval_ppl": math.exp(min(total, 50.0))}
+    loss = float(_global_sum(accelerator, loss))
+    trained = _global_sum(accelerator, trained)
+    total = loss / max(trained, 1)
+    result = {"eval_loss": total, "eval_ppl": math.exp(min(total, 50.0)),
+              **mean_stats(accelerator, stats, trained, "eval_")}
     if task.evaluate_extra is not None:
         result.update(task.evaluate_extra(accelerator.unwrap_model(model)))
     return result

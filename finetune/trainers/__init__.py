@@ -40,12 +40,19 @@ def _ppo() -> ModuleType:
     return ppo
 
 
+def _dpo() -> ModuleType:
+    from finetune.trainers import dpo
+
+    return dpo
+
+
 REGISTRY = {
     "pretrain": _pretrain,
     "sft": _sft,
     "reward": _reward,
     "rs_sft": _rs_sft,
     "ppo": _ppo,
+    "dpo": _dpo,
 }
 
 

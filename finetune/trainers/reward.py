@@ -73,7 +73,7 @@ def read_pairs(recipe: Recipe) -> tuple[list, list]:
                             for i, src in enumerate(getattr(recipe.data, section) or [])]
         for i, src in enumerate(sources[section]):
             if src.format != "preference":
-                raise DataError(f"data.{section}.{i}.format: trainer reward reads format 'preference' "
+                raise DataError(f"data.{section}.{i}.format: trainer {recipe.trainer.type} reads format 'preference' "
                                 f"(prompt, chosen, rejected), got {src.format!r}")
     seed = recipe.run.seed
     train = mix_sources(sources["train"], "data.train", seed, to_preference)
