@@ -10,14 +10,8 @@ import pytest
 import yaml
 
 from finetune.errors import RecipeError
-from finetune.recipe.schema import (
-    check_recipe,
-    dump_recipe,
-    load_recipe,
-    recipe_differences,
-    recipe_from_dict,
-    recipe_to_dict,
-)
+from finetune.recipe.checks import check_recipe
+from finetune.recipe.schema import dump_recipe, load_recipe, recipe_differences, recipe_from_dict, recipe_to_dict
 from tests.conftest import ROOT, tiny_pretrain_recipe, write
 
 GOOD = """\
@@ -180,11 +174,11 @@ def shipped_recipes(path: Path) -> list:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path, monkeypatch):
-    from finetune.recipe import schema
+    from finetune.recipe import checks
     from finetune.run.pipeline import is_pipeline, load_pipeline
 
     monkeypatch.chdir(ROOT)
-    real_check, deferred = schema.check_model_ref, []
+    real_check, deferred = checks.check_model_ref, []
 
     def check_model_ref(name: str, key: str) -> None:
         # A model another recipe (or an earlier stage) writes under runs/ is checked in the test
@@ -194,7 +188,7 @@ def test_every_shipped_recipe_validates(path, monkeypatch):
         else:
             real_check(name, key)
 
-    monkeypatch.setattr(schema, "check_model_ref", check_model_ref)
+    monkeypatch.setattr(checks, "check_model_ref", check_model_ref)
     checked = shipped_recipes(path)
     for what, recipe in checked:
         try:

@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 
 from finetune.errors import RecipeError
-from finetune.recipe.schema import TRACKERS, check_recipe, recipe_from_dict
+from finetune.recipe.checks import check_recipe
+from finetune.recipe.schema import TRACKERS, recipe_from_dict
 from tests.conftest import tiny_pretrain_recipe
 
 

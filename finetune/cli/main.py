@@ -68,7 +68,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    from finetune.recipe.schema import PeerConfigError, check_recipe, load_recipe
+    from finetune.recipe.checks import check_recipe
+    from finetune.recipe.schema import PeerConfigError, load_recipe
     from finetune.run.pipeline import is_pipeline, load_pipeline
 
     if is_pipeline(args.recipe):
@@ -147,7 +148,8 @@ def cmd_run(args) -> int:
 def cmd_data(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from finetune.recipe.schema import check_recipe, load_recipe
+    from finetune.recipe.checks import check_recipe
+    from finetune.recipe.schema import load_recipe
     from finetune.run.audit import audit
 
     hf_logging.disable_progress_bar()

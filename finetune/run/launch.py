@@ -17,7 +17,8 @@ import yaml
 
 from finetune.console import console, info
 from finetune.errors import RecipeError
-from finetune.recipe.schema import Recipe, check_recipe, dump_recipe, recipe_differences, recipe_to_dict
+from finetune.recipe.checks import check_recipe
+from finetune.recipe.schema import Recipe, dump_recipe, recipe_differences, recipe_to_dict
 
 
 def world_size() -> int:

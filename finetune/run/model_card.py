@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from finetune import __version__
-from finetune.recipe.schema import Recipe, dump_recipe, looks_like_hub_id
+from finetune.recipe.checks import looks_like_hub_id
+from finetune.recipe.schema import Recipe, dump_recipe
 
 _PIPELINE_TAG = {"reward": "text-classification"}
 
