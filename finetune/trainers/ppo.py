@@ -49,11 +49,13 @@ from finetune.train.losses import (
     entropy_from_logits,
     gae_advantages,
     gather_logprobs,
+    group_advantages,
     kl_penalty,
     masked_moments,
     masked_sum,
     masked_whiten,
     per_token_rewards,
+    token_weights,
 )
 from finetune.train.metrics import MetricsLogger
 
@@ -139,6 +141,8 @@ class PPO:
         self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if reference is not None:
             reference.eval()
+        if not cfg.has_critic and (sampling.n < 2 or self.unwrapped.critic is not None):
+            raise ValueError(f"advantage {cfg.advantage}: no critic and trainer.sampling.n >= 2 samples per prompt")
         self.updates_done = self.skipped_steps = 0
         critic = self.unwrapped.critic_parameter_names()
         self.actor_params = [p for n, p in self.unwrapped.named_parameters() if p.requires_grad and n not in critic]
@@ -162,10 +166,16 @@ class PPO:
         scores = self._shape_scores(raw, gen.stopped)
         mask = gen.response_mask
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
-        rewards = per_token_rewards(scores, kl, mask, self.kl_ctl.beta)
-        advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+        rewards = per_token_rewards(scores, kl, mask, self.kl_ctl.beta if cfg.kl_term == "reward" else 0.0)
+        if cfg.has_critic:
+            advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+        else:
+            # Rows arrive as groups of sampling.n samples of one prompt (see train); the KL, when in
+            # the reward, enters summed over the sequence (RLOO's r - beta * KL per completion).
+            seq = group_advantages(rewards.sum(1), self.sampling.n, cfg.advantage, cfg.grpo_std)
+            advantages = returns = seq[:, None] * mask
         stats = self._rollout_stats(gen, raw, scores, logprobs, ref_logprobs, kl, rewards, values, advantages, returns)
-        if cfg.whiten_advantages:
+        if cfg.whiten_advantages and cfg.has_critic:  # a group baseline is the critic-free runs' normaliser
             advantages = masked_whiten(advantages, mask, all_reduce=self.all_reduce)
         exp = Experience(gen, raw, scores, logprobs, ref_logprobs, values, kl, rewards, advantages, returns)
         return exp, stats
@@ -183,7 +193,7 @@ class PPO:
             target = gen.response[rows]
             out[0].append(gather_logprobs(logits, target, temperature))
             out[1].append(gather_logprobs(ref_logits, target, temperature))
-            out[2].append(values.float())
+            out[2].append(torch.zeros_like(out[0][-1]) if values is None else values.float())
         return tuple(torch.cat(x) * gen.response_mask for x in out)
 
     def _reference_logits(self, inputs: dict) -> torch.Tensor:
@@ -216,8 +226,9 @@ class PPO:
         # Explained variance of the values: 1 - Var(returns - values) / Var(returns), over tokens.
         _, var_err, _ = masked_moments(returns - values, mask, self.all_reduce)
         _, var_ret, _ = masked_moments(returns, mask, self.all_reduce)
-        s.fixed = {"advantage_mean": float(mean), "advantage_std": float(var.sqrt()),
-                   "value_explained_variance": float(1 - var_err / var_ret.clamp(min=1e-12))}
+        s.fixed = {"advantage_mean": float(mean), "advantage_std": float(var.sqrt())}
+        if self.cfg.has_critic:
+            s.fixed["value_explained_variance"] = float(1 - var_err / var_ret.clamp(min=1e-12))
         return s
 
     # ------------------------------------------------------------ update
@@ -240,27 +251,42 @@ class PPO:
 
     def _minibatch_step(self, exp: Experience, rows: torch.Tensor, stats: _Sums) -> None:
         cfg, acc, temperature = self.cfg, self.acc, self.sampling.temperature
-        tokens = exp.mask[rows].sum().double()
-        global_tokens = float(self.all_reduce(tokens) if self.all_reduce else tokens)
+        totals = torch.stack([exp.mask[rows].sum().double(), torch.tensor(float(len(rows)), dtype=torch.float64)])
+        global_tokens, global_rows = (self.all_reduce(totals) if self.all_reduce else totals).tolist()
         actor_weight = 0.0 if self.updates_done < cfg.critic_warmup_updates else 1.0
+        beta = self.kl_ctl.beta
         chunks = rows.split(self.micro)
         for i, idx in enumerate(chunks):
             mask = exp.mask[idx]
+            weight = None
+            if cfg.loss_norm != "token_mean":
+                weight = token_weights(mask, cfg.loss_norm, global_tokens, global_rows, self.sampling.max_new_tokens)
             # DDP all-reduces gradients on the minibatch's last micro-batch only.
             with contextlib.nullcontext() if i == len(chunks) - 1 else acc.no_sync(self.model):
                 logits, values = self.model(**exp.inputs(idx))
                 logprobs = gather_logprobs(logits, exp.gen.response[idx], temperature)
-                pol = clipped_policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.clip)
-                val = clipped_value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
+                pol = clipped_policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.clip,
+                                          **({} if weight is None else {"weight": weight}))
                 with torch.set_grad_enabled(cfg.entropy_coef > 0):
                     entropy = masked_sum(entropy_from_logits(logits, temperature), mask)
                 # actor_weight 0 (critic warm-up) keeps the policy in the graph, so DDP sees every parameter.
-                loss = actor_weight * pol.loss_sum + cfg.value_coef * val.loss_sum - cfg.entropy_coef * entropy
+                loss = actor_weight * pol.loss_sum - cfg.entropy_coef * entropy
+                logged = {"policy_loss": pol.loss_sum, "entropy": entropy, "policy_clipfrac": pol.clipped,
+                          "ratio": pol.ratio_sum, "approx_kl": pol.approx_kl_sum}
+                if values is not None:
+                    val = clipped_value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
+                    loss = loss + cfg.value_coef * val.loss_sum
+                    logged |= {"value_loss": val.loss_sum, "value_clipfrac": val.clipped}
+                if cfg.kl_term == "loss":
+                    # k3 of the current policy against the (fixed) reference, with its gradient (GRPO);
+                    # k1's gradient is zero in expectation, so the loss term always uses k3.
+                    kl = kl_penalty(logprobs, exp.ref_logprobs[idx], "k3")
+                    kl_sum = masked_sum(kl if weight is None else kl * weight, mask)
+                    loss = loss + beta * kl_sum
+                    logged["kl_loss"] = kl_sum
                 acc.backward(loss * acc.num_processes / global_tokens)
             n = mask.sum()
-            for name, value in (("policy_loss", pol.loss_sum), ("value_loss", val.loss_sum), ("entropy", entropy),
-                                ("policy_clipfrac", pol.clipped), ("value_clipfrac", val.clipped),
-                                ("ratio", pol.ratio_sum), ("approx_kl", pol.approx_kl_sum)):
+            for name, value in logged.items():
                 stats.add(name, value, n)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
         if self.guard is not None and not self.guard.step_is_finite(grad_norm):
