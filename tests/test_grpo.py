@@ -202,12 +202,13 @@ def test_recipe_run_builds_no_critic_and_logs_no_value_loss(in_tmp, chat_model, 
 
 def test_group_advantages_refuse_one_sample_per_prompt_and_critic_keys(in_tmp, chat_model):
     data = ppo_recipe(in_tmp, chat_model, advantage="grpo")  # sampling.n: 1
-    with pytest.raises(RecipeError, match="sampling.n must be at least 2"):
-        recipe_from_dict(data)
+    with pytest.raises(RecipeError, match="trainer.sampling.n must be at least 2"):
+        run_recipe(recipe_from_dict(data), dry_run=True)
     data = ppo_recipe(in_tmp, chat_model, advantage="rloo", critic_warmup_updates=2)
     data["trainer"]["sampling"]["n"] = 2
     with pytest.raises(RecipeError, match="builds no critic"):
-        recipe_from_dict(data)
+        run_recipe(recipe_from_dict(data), dry_run=True)
+    assert not (in_tmp / "ppo").exists()
 
 
 # ---------------------------------------------------------------- learning: test_ppo's toy tasks

@@ -221,15 +221,12 @@ class PPOCfg(Section):
     eval_temperature: float = Field(0.0, ge=0)   # held-out score (run.eval_every): 0 = greedy
     eval_prompts: int = Field(100, ge=0)         # at most this many held-out prompts (0: all)
     eval_rewards: list[RewardCfg] | None = None  # the held-out score's rewards (null: trainer.rewards)
-    # gae: a critic and GAE (PPO). grpo / rloo: no critic; one advantage per completion from the
-    # trainer.sampling.n samples of its prompt (group-normalised / leave-one-out baseline).
+    # gae: critic + GAE. grpo / rloo: no critic, one advantage per completion from its prompt's
+    # sampling.n samples. kl_in auto: loss (k3) for grpo, reward otherwise. loss_norm: over the
+    # minibatch's tokens, per completion then over completions (GRPO), tokens / (rows x max_new_tokens) (Dr. GRPO)
     advantage: Literal["gae", "grpo", "rloo"] = "gae"
     grpo_std: bool = True                        # false: Dr. GRPO (no division by the group's std)
-    # reward: -beta * KL per token in the reward (PPO, RLOO); loss: beta * k3 KL per token as a loss
-    # term (GRPO). auto: loss for grpo, reward otherwise.
     kl_in: Literal["auto", "reward", "loss"] = "auto"
-    # token_mean: over the minibatch's tokens; seq_mean: per completion, then over completions
-    # (GRPO's paper); constant: token sum / (completions x max_new_tokens) (Dr. GRPO)
     loss_norm: Literal["token_mean", "seq_mean", "constant"] = "token_mean"
 
     @model_validator(mode="after")
@@ -238,9 +235,6 @@ class PPOCfg(Section):
         if self.rollout_batch_size % self.minibatches:
             raise ValueError(f"rollout_batch_size {self.rollout_batch_size} does not split into "
                              f"{self.minibatches} minibatches")
-        if self.advantage != "gae" and (self.critic_warmup_updates or self.critic_lr is not None):
-            raise ValueError(f"advantage {self.advantage} builds no critic: critic_warmup_updates and critic_lr "
-                             "apply to advantage: gae only")
         return self
 
     @property
@@ -248,11 +242,8 @@ class PPOCfg(Section):
         return self.advantage == "gae"
 
     @property
-    def kl_term(self) -> str:
-        """Where the KL to the reference goes: 'reward' or 'loss'."""
-        if self.kl_in != "auto":
-            return self.kl_in
-        return "loss" if self.advantage == "grpo" else "reward"
+    def kl_term(self) -> str:  # where the KL to the reference goes: 'reward' or 'loss'
+        return self.kl_in if self.kl_in != "auto" else ("loss" if self.advantage == "grpo" else "reward")
 
 
 class TrainerCfg(Section):
@@ -266,13 +257,6 @@ class TrainerCfg(Section):
     reward_model: RewardModelCfg = Field(default_factory=RewardModelCfg)
     rejection: RejectionCfg = Field(default_factory=RejectionCfg)
     ppo: PPOCfg = Field(default_factory=PPOCfg)
-
-    @model_validator(mode="after")
-    def _groups_for_critic_free_rl(self) -> TrainerCfg:
-        if self.type == "ppo" and self.ppo.advantage != "gae" and self.sampling.n < 2:
-            raise ValueError(f"ppo.advantage {self.ppo.advantage} compares the samples of each prompt: "
-                             f"sampling.n must be at least 2 (got {self.sampling.n})")
-        return self
 
 
 class OptimCfg(Section):

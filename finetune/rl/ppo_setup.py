@@ -52,6 +52,12 @@ class Layout:
     @classmethod
     def of(cls, recipe: Recipe, world: int) -> Layout:
         ppo, n, micro = recipe.trainer.ppo, recipe.trainer.sampling.n, recipe.run.micro_batch_size
+        if not ppo.has_critic and n < 2:
+            raise RecipeError(f"trainer.ppo.advantage: {ppo.advantage} compares the samples of each prompt: "
+                              f"trainer.sampling.n must be at least 2 (got {n})")
+        if not ppo.has_critic and (ppo.critic_warmup_updates or ppo.critic_lr is not None):
+            raise RecipeError(f"trainer.ppo.advantage: {ppo.advantage} builds no critic; critic_warmup_updates "
+                              "and critic_lr apply to advantage: gae only")
         key = "trainer.ppo.rollout_batch_size"
         if ppo.rollout_batch_size % (world * n):
             raise RecipeError(f"{key}: {ppo.rollout_batch_size} sequences do not split into {world} process(es) "
@@ -196,8 +202,8 @@ def _advantage_line(ppo, n: int) -> str:
         return f"GAE (gamma {ppo.gamma:g}, lambda {ppo.lam:g}) from the critic"
     base = ("group mean" + (" / group std" if ppo.grpo_std else " (Dr. GRPO: no std division)")
             if ppo.advantage == "grpo" else "leave-one-out mean of the other samples")
-    return f"{ppo.advantage}: one per completion, its reward minus the {base} over the {n} samples of its prompt; " \
-           f"loss normalised per {ppo.loss_norm}"
+    return (f"{ppo.advantage}, no critic: one per completion, its reward minus the {base} over the {n} "
+            f"samples of its prompt; loss normalisation {ppo.loss_norm}")
 
 
 def _kl_line(ppo) -> str:

@@ -13,6 +13,14 @@ Algorithm ("The N+ Implementation Details of RLHF with PPO", Huang et al. 2024),
      value loss (- entropy bonus), token means over the minibatch on all processes.
 beta is fixed, or adapted toward kl_target (Ziegler et al. 2019).
 
+Critic-free (`trainer.ppo.advantage`): no critic is built and there is no value loss; the rollout
+holds trainer.sampling.n consecutive samples of each prompt, and every token of a completion gets
+its sequence's advantage. grpo (DeepSeekMath, Shao et al. 2024): (R - group mean) / (group std +
+1e-4), or without the division (grpo_std: false, Dr. GRPO, Liu et al. 2025, with loss_norm:
+constant); KL by default as a loss term beta * k3(policy, reference) per token. rloo (Ahmadian et
+al. 2024): R minus the mean of the prompt's other samples, with R = score - beta * sum_t kl_t (KL in
+the reward, as the paper). Whitening applies to GAE only: the group baseline takes its place.
+
 Departures from N+: the missing-EOS penalty is subtracted from the score (TRL) instead of
 replacing it, so truncated answers keep their ranking; score normalisation is per rollout batch
 (optional) rather than a reward-model bias fitted on SFT data; the learning rate follows the
@@ -250,40 +258,17 @@ class PPO:
                 self._minibatch_step(exp, order[m * size:(m + 1) * size], stats)
 
     def _minibatch_step(self, exp: Experience, rows: torch.Tensor, stats: _Sums) -> None:
-        cfg, acc, temperature = self.cfg, self.acc, self.sampling.temperature
-        totals = torch.stack([exp.mask[rows].sum().double(), torch.tensor(float(len(rows)), dtype=torch.float64)])
+        cfg, acc = self.cfg, self.acc
+        tokens = exp.mask[rows].sum().double()
+        totals = torch.stack([tokens, torch.tensor(float(len(rows)), dtype=torch.float64, device=tokens.device)])
         global_tokens, global_rows = (self.all_reduce(totals) if self.all_reduce else totals).tolist()
         actor_weight = 0.0 if self.updates_done < cfg.critic_warmup_updates else 1.0
-        beta = self.kl_ctl.beta
         chunks = rows.split(self.micro)
         for i, idx in enumerate(chunks):
             mask = exp.mask[idx]
-            weight = None
-            if cfg.loss_norm != "token_mean":
-                weight = token_weights(mask, cfg.loss_norm, global_tokens, global_rows, self.sampling.max_new_tokens)
             # DDP all-reduces gradients on the minibatch's last micro-batch only.
             with contextlib.nullcontext() if i == len(chunks) - 1 else acc.no_sync(self.model):
-                logits, values = self.model(**exp.inputs(idx))
-                logprobs = gather_logprobs(logits, exp.gen.response[idx], temperature)
-                pol = clipped_policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.clip,
-                                          **({} if weight is None else {"weight": weight}))
-                with torch.set_grad_enabled(cfg.entropy_coef > 0):
-                    entropy = masked_sum(entropy_from_logits(logits, temperature), mask)
-                # actor_weight 0 (critic warm-up) keeps the policy in the graph, so DDP sees every parameter.
-                loss = actor_weight * pol.loss_sum - cfg.entropy_coef * entropy
-                logged = {"policy_loss": pol.loss_sum, "entropy": entropy, "policy_clipfrac": pol.clipped,
-                          "ratio": pol.ratio_sum, "approx_kl": pol.approx_kl_sum}
-                if values is not None:
-                    val = clipped_value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
-                    loss = loss + cfg.value_coef * val.loss_sum
-                    logged |= {"value_loss": val.loss_sum, "value_clipfrac": val.clipped}
-                if cfg.kl_term == "loss":
-                    # k3 of the current policy against the (fixed) reference, with its gradient (GRPO);
-                    # k1's gradient is zero in expectation, so the loss term always uses k3.
-                    kl = kl_penalty(logprobs, exp.ref_logprobs[idx], "k3")
-                    kl_sum = masked_sum(kl if weight is None else kl * weight, mask)
-                    loss = loss + beta * kl_sum
-                    logged["kl_loss"] = kl_sum
+                loss, logged = self._micro_loss(exp, idx, actor_weight, global_tokens, global_rows)
                 acc.backward(loss * acc.num_processes / global_tokens)
             n = mask.sum()
             for name, value in logged.items():
@@ -302,6 +287,37 @@ class PPO:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats.add("grad_norm", grad_norm, 1)
+
+    def _micro_loss(self, exp: Experience, idx: torch.Tensor, actor_weight: float, global_tokens: float,
+                    global_rows: float) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss as a sum over its tokens (divided by the minibatch's token count by
+        the caller), and the sums to log."""
+        cfg, temperature, mask = self.cfg, self.sampling.temperature, exp.mask[idx]
+        weight = None
+        if cfg.loss_norm != "token_mean":
+            weight = token_weights(mask, cfg.loss_norm, global_tokens, global_rows, self.sampling.max_new_tokens)
+        logits, values = self.model(**exp.inputs(idx))
+        logprobs = gather_logprobs(logits, exp.gen.response[idx], temperature)
+        pol = clipped_policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.clip,
+                                  **({} if weight is None else {"weight": weight}))
+        with torch.set_grad_enabled(cfg.entropy_coef > 0):
+            entropy = masked_sum(entropy_from_logits(logits, temperature), mask)
+        # actor_weight 0 (critic warm-up) keeps the policy in the graph, so DDP sees every parameter.
+        loss = actor_weight * pol.loss_sum - cfg.entropy_coef * entropy
+        logged = {"policy_loss": pol.loss_sum, "entropy": entropy, "policy_clipfrac": pol.clipped,
+                  "ratio": pol.ratio_sum, "approx_kl": pol.approx_kl_sum}
+        if values is not None:
+            val = clipped_value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
+            loss = loss + cfg.value_coef * val.loss_sum
+            logged |= {"value_loss": val.loss_sum, "value_clipfrac": val.clipped}
+        if cfg.kl_term == "loss":
+            # k3 of the current policy against the (fixed) reference, with its gradient (GRPO);
+            # k1's gradient is zero in expectation, so the loss term always uses k3.
+            kl = kl_penalty(logprobs, exp.ref_logprobs[idx], "k3")
+            kl_sum = masked_sum(kl if weight is None else kl * weight, mask)
+            loss = loss + self.kl_ctl.beta * kl_sum
+            logged["kl_loss"] = kl_sum
+        return loss, logged
 
     def step(self, prompts: list[list[int]], score_fn: ScoreFn) -> tuple[dict, Experience]:
         """One PPO update; returns (statistics averaged over all processes, this process's experience)."""
@@ -347,6 +363,7 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
         if p.eval_prompts and ppo.updates_done == 0:
             logger.log({"step": 0, **held_out()})
         while ppo.updates_done < updates:
+            # A prompt's n samples are consecutive rows: grpo / rloo read them as one group.
             rows = [i for i in stream.indices(ppo.updates_done) for _ in range(n)]
             scorer = ChatScorer(p, [p.prompts[i] for i in rows])
             record, exp = ppo.step([p.prompt_ids[i] for i in rows], scorer)
