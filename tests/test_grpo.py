@@ -200,6 +200,24 @@ def test_recipe_run_builds_no_critic_and_logs_no_value_loss(in_tmp, chat_model, 
     assert all(("kl_loss" in r) == (advantage == "grpo") for r in updates)
 
 
+def test_interrupted_grpo_run_resumes_exactly(in_tmp, chat_model, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    data = ppo_recipe(in_tmp, chat_model, advantage="grpo")
+    data["trainer"]["sampling"]["n"] = 2
+    data["run"].update(save_every=1, max_steps=2)
+    final = run_recipe(recipe_from_dict(data))
+    shutil.copytree(final, in_tmp / "uninterrupted")
+    shutil.rmtree(final)  # as if killed after the checkpoint of update 1
+    run_recipe(recipe_from_dict(data))
+    assert "resumed from" in capsys.readouterr().err and not (final / "critic").exists()
+    a, b = load_file(in_tmp / "uninterrupted" / "model.safetensors"), load_file(final / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
 def test_group_advantages_refuse_one_sample_per_prompt_and_critic_keys(in_tmp, chat_model):
     data = ppo_recipe(in_tmp, chat_model, advantage="grpo")  # sampling.n: 1
     with pytest.raises(RecipeError, match="trainer.sampling.n must be at least 2"):
