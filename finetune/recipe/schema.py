@@ -221,6 +221,13 @@ class PPOCfg(Section):
     eval_temperature: float = Field(0.0, ge=0)   # held-out score (run.eval_every): 0 = greedy
     eval_prompts: int = Field(100, ge=0)         # at most this many held-out prompts (0: all)
     eval_rewards: list[RewardCfg] | None = None  # the held-out score's rewards (null: trainer.rewards)
+    # gae: critic + GAE. grpo / rloo: no critic, one advantage per completion from its prompt's
+    # sampling.n samples. kl_in auto: loss (k3) for grpo, reward otherwise. loss_norm: over the
+    # minibatch's tokens, per completion then over completions (GRPO), tokens / (rows x max_new_tokens) (Dr. GRPO)
+    advantage: Literal["gae", "grpo", "rloo"] = "gae"
+    grpo_std: bool = True                        # false: Dr. GRPO (no division by the group's std)
+    kl_in: Literal["auto", "reward", "loss"] = "auto"
+    loss_norm: Literal["token_mean", "seq_mean", "constant"] = "token_mean"
 
     @model_validator(mode="after")
     def _minibatches_divide(self) -> PPOCfg:
@@ -229,6 +236,14 @@ class PPOCfg(Section):
             raise ValueError(f"rollout_batch_size {self.rollout_batch_size} does not split into "
                              f"{self.minibatches} minibatches")
         return self
+
+    @property
+    def has_critic(self) -> bool:
+        return self.advantage == "gae"
+
+    @property
+    def kl_term(self) -> str:  # where the KL to the reference goes: 'reward' or 'loss'
+        return self.kl_in if self.kl_in != "auto" else ("loss" if self.advantage == "grpo" else "reward")
 
 
 class DPOCfg(Section):

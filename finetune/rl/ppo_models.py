@@ -277,14 +277,17 @@ def _load_head(head: nn.Module, path: Path) -> None:
 
 
 class ActorCritic(nn.Module):
-    """Policy and critic in one module; forward gives the response logits and values."""
+    """Policy and critic in one module; forward gives the response logits and values (None
+    without a critic: trainer.ppo.advantage grpo / rloo)."""
 
-    def __init__(self, policy: nn.Module, critic: nn.Module) -> None:
+    def __init__(self, policy: nn.Module, critic: nn.Module | None) -> None:
         super().__init__()
         self.policy, self.critic = policy, critic
 
     def forward(self, input_ids, attention_mask, position_ids, start: int):
         logits = response_logits(self.policy, input_ids, attention_mask, position_ids, start)
+        if self.critic is None:
+            return logits, None
         # The value of the state before response token t is read where its logits are.
         values = self.critic(input_ids, attention_mask, position_ids)[:, start - 1:-1]
         return logits, values
@@ -298,10 +301,12 @@ class ActorCritic(nn.Module):
         path = Path(path)
         state_dict = self.state_dict() if state_dict is None else state_dict
         self.policy.save_pretrained(path, state_dict=_strip(state_dict, "policy."), safe_serialization=True)
-        self.critic.save(path / "critic", _strip(state_dict, "critic."))
+        if self.critic is not None:
+            self.critic.save(path / "critic", _strip(state_dict, "critic."))
 
     def load_critic(self, path: Path) -> None:
-        self.critic.load(Path(path) / "critic")
+        if self.critic is not None:
+            self.critic.load(Path(path) / "critic")
 
 
 def _strip(state_dict: dict, prefix: str) -> dict:
@@ -351,12 +356,14 @@ def base_copies(recipe: Recipe) -> tuple[int, list[str]]:
     ppo = recipe.trainer.ppo
     what = ["policy"]
     what.append("reference: policy with adapters disabled (shared)" if recipe.adapter else "reference (frozen copy)")
-    if ppo.critic == "adapter":
+    if not ppo.has_critic:
+        what.append(f"no critic (advantage: {ppo.advantage})")
+    elif ppo.critic == "adapter":
         what.append("critic: 'critic' adapter on the policy's base (shared)")
     else:
         what.append(f"critic (separate, from {critic_source(recipe).replace('_', ' ')}, trained in full)")
     what += [f"reward model {r.path} (scoring)" for r in recipe.trainer.rewards if r.type == "model"]
-    return sum("shared" not in w for w in what), what
+    return sum("shared" not in w and "no critic" not in w for w in what), what
 
 
 def build_models(recipe: Recipe, tokenizer) -> PPOModels:
@@ -365,8 +372,10 @@ def build_models(recipe: Recipe, tokenizer) -> PPOModels:
     ppo = recipe.trainer.ppo
     policy, info = load_model(recipe, tokenizer)
     notes = list(info.notes)
-    critic = adapter_critic(policy) if ppo.critic == "adapter" else separate_critic(recipe, tokenizer,
-                                                                                      critic_source(recipe))
+    critic = None
+    if ppo.has_critic:
+        critic = adapter_critic(policy) if ppo.critic == "adapter" else separate_critic(recipe, tokenizer,
+                                                                                          critic_source(recipe))
     reference = None
     if recipe.adapter is None:
         # A copy, not a second load: a second load draws added-token rows (and a from-scratch
@@ -435,7 +444,8 @@ def separate_critic(recipe: Recipe, tokenizer, source: str) -> SeparateCritic:
 def check_critic_tokenizer(recipe: Recipe, tokenizer) -> None:
     """A critic initialised from the reward model reads the policy's token ids: both must use the
     same vocabulary (checked from the tokenizer files, before any weight is loaded)."""
-    if recipe.trainer.ppo.critic != "separate" or critic_source(recipe) != "reward_model":
+    ppo = recipe.trainer.ppo
+    if not ppo.has_critic or ppo.critic != "separate" or critic_source(recipe) != "reward_model":
         return
     from transformers import AutoTokenizer
 

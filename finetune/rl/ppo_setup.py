@@ -52,6 +52,12 @@ class Layout:
     @classmethod
     def of(cls, recipe: Recipe, world: int) -> Layout:
         ppo, n, micro = recipe.trainer.ppo, recipe.trainer.sampling.n, recipe.run.micro_batch_size
+        if not ppo.has_critic and n < 2:
+            raise RecipeError(f"trainer.ppo.advantage: {ppo.advantage} compares the samples of each prompt: "
+                              f"trainer.sampling.n must be at least 2 (got {n})")
+        if not ppo.has_critic and (ppo.critic_warmup_updates or ppo.critic_lr is not None):
+            raise RecipeError(f"trainer.ppo.advantage: {ppo.advantage} builds no critic; critic_warmup_updates "
+                              "and critic_lr apply to advantage: gae only")
         key = "trainer.ppo.rollout_batch_size"
         if ppo.rollout_batch_size % (world * n):
             raise RecipeError(f"{key}: {ppo.rollout_batch_size} sequences do not split into {world} process(es) "
@@ -128,10 +134,11 @@ def prepare(recipe: Recipe, resume_from: Path | None = None, world: int | None =
     if recipe.launch.strategy != "ddp":
         raise RecipeError(f"launch.strategy: ppo runs under ddp; {recipe.launch.strategy} shards the weights that "
                           "every process samples from, which this trainer does not gather yet")
-    if recipe.trainer.ppo.critic == "adapter" and recipe.adapter is None:
-        raise RecipeError("trainer.ppo.critic: adapter puts the critic on the policy's base as a second LoRA "
-                          "adapter; it needs an adapter: section (or critic: separate)")
-    check_value_head_support(load_config(recipe))
+    if recipe.trainer.ppo.has_critic:
+        if recipe.trainer.ppo.critic == "adapter" and recipe.adapter is None:
+            raise RecipeError("trainer.ppo.critic: adapter puts the critic on the policy's base as a second LoRA "
+                              "adapter; it needs an adapter: section (or critic: separate)")
+        check_value_head_support(load_config(recipe))
     tokenizer = load_tokenizer(recipe, resume_from=resume_from, notes=notes)
     stops = stop_token_ids(tokenizer)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stops:
@@ -177,7 +184,8 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
         f"{recipe.run.micro_batch_size} x {world} process(es) (run.grad_accum is not used); "
         f"{lay.updates(recipe, len(p.prompts), world)} updates (run.max_steps counts updates)",
         f"models: {copies} cop{'y' if copies == 1 else 'ies'} of the base in memory: {'; '.join(what)}",
-        f"rewards: {', '.join(p.rewards.names)}; KL {ppo.kl_estimator}, beta {beta}; "
+        f"advantage: {_advantage_line(ppo, recipe.trainer.sampling.n)}",
+        f"rewards: {', '.join(p.rewards.names)}; {_kl_line(ppo)}, beta {beta}; "
         f"temperature {recipe.trainer.sampling.temperature:g}, max_new_tokens {recipe.trainer.sampling.max_new_tokens}",
     ]
     if p.eval_rewards is not p.rewards:
@@ -187,6 +195,21 @@ def plan(recipe: Recipe, prepared: Prepared | None = None, model_info=None) -> P
     tokens = sum(map(len, p.prompt_ids))
     return PPOPlan("ppo", recipe.model.name or "from scratch (model.init_config)", total, trainable,
                 len(p.prompts), tokens, len(p.eval_prompts), unit="prompts", notes=notes)
+
+
+def _advantage_line(ppo, n: int) -> str:
+    if ppo.advantage == "gae":
+        return f"GAE (gamma {ppo.gamma:g}, lambda {ppo.lam:g}) from the critic"
+    base = ("group mean" + (" / group std" if ppo.grpo_std else " (Dr. GRPO: no std division)")
+            if ppo.advantage == "grpo" else "leave-one-out mean of the other samples")
+    return (f"{ppo.advantage}, no critic: one per completion, its reward minus the {base} over the {n} "
+            f"samples of its prompt; loss normalisation {ppo.loss_norm}")
+
+
+def _kl_line(ppo) -> str:
+    if ppo.kl_term == "loss":
+        return "KL k3 as a loss term"
+    return f"KL {ppo.kl_estimator} in the reward"
 
 
 class ChatScorer:

@@ -276,8 +276,9 @@ class PolicyLoss:
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip: float = 0.2) -> PolicyLoss:
-    """PPO's clipped surrogate (Schulman et al., 2017) as a loss to minimise, per token."""
+                        mask: torch.Tensor, clip: float = 0.2, weight: torch.Tensor | None = None) -> PolicyLoss:
+    """PPO's clipped surrogate (Schulman et al., 2017) as a loss to minimise, per token. `weight`
+    (>= 0, broadcastable) scales each token's term in loss_sum: see `token_weights`."""
     log_ratio = (logprobs.float() - old_logprobs.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -286,7 +287,10 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
         engaged = masked_sum((clipped > unclipped).float(), mask)
         approx_kl = masked_sum(0.5 * log_ratio**2, mask)
         ratio_sum = masked_sum(ratio, mask)
-    return PolicyLoss(masked_sum(torch.maximum(unclipped, clipped), mask), engaged, ratio_sum, approx_kl)
+    loss = torch.maximum(unclipped, clipped)
+    if weight is not None:
+        loss = loss * weight
+    return PolicyLoss(masked_sum(loss, mask), engaged, ratio_sum, approx_kl)
 
 
 @dataclass
@@ -323,3 +327,47 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     rewards = torch.where(mask.bool(), -beta * kl.float(), 0.0)
     last = (mask.long().sum(1) - 1).clamp(min=0)
     return rewards.scatter_add(1, last[:, None], scores.float()[:, None])
+
+
+# --- critic-free advantages (trainer.ppo.advantage: grpo | rloo) --------------------------------
+# Rows come in groups of `group` consecutive samples of one prompt; one advantage per sequence,
+# put on every token of its completion.
+
+GRPO_STD_EPS = 1e-4  # TRL's: a group whose rewards differ by float noise is not blown up
+
+
+def group_advantages(rewards: torch.Tensor, group: int, kind: str, std: bool = True) -> torch.Tensor:
+    """(rows,) sequence rewards -> (rows,) advantages within each group of `group` rows.
+
+    grpo (Shao et al., 2024): (r - mean_g) / (std_g + eps), std unbiased; std=False is Dr. GRPO's
+    (Liu et al., 2025) r - mean_g. rloo (Ahmadian et al., 2024): r_i - mean of the other samples
+    of its prompt = group / (group - 1) * (r_i - mean_g)."""
+    rows = rewards.shape[0]
+    if group < 2 or rows % group:
+        raise ValueError(f"{rows} rows do not split into groups of {group} >= 2 samples per prompt")
+    r = rewards.float().view(rows // group, group)
+    centred = r - r.mean(1, keepdim=True)
+    if kind == "grpo":
+        out = centred / (r.std(1, keepdim=True) + GRPO_STD_EPS) if std else centred
+    elif kind == "rloo":
+        out = centred * (group / (group - 1))
+    else:
+        raise ValueError(f"unknown group advantage {kind!r} (grpo or rloo)")
+    return out.reshape(rows)
+
+
+def token_weights(mask: torch.Tensor, norm: str, total_tokens: float, total_rows: float,
+                  max_new_tokens: int) -> torch.Tensor:
+    """Per-token weights w such that sum(w * loss_t) / total_tokens is the loss of `norm`:
+    token_mean: every token of the minibatch alike (1); seq_mean: each sequence's token mean,
+    averaged over sequences (GRPO's 1/G sum 1/|o_i| sum_t); constant: the token sum over
+    rows x max_new_tokens (Dr. GRPO: no length bias from the 1/|o_i|). totals: the minibatch's,
+    all processes together."""
+    m = mask.float()
+    if norm == "token_mean":
+        return m
+    if norm == "seq_mean":
+        return m * (total_tokens / (total_rows * m.sum(1, keepdim=True).clamp(min=1)))
+    if norm == "constant":
+        return m * (total_tokens / (total_rows * max_new_tokens))
+    raise ValueError(f"unknown loss normalisation {norm!r}")

@@ -13,6 +13,14 @@ Algorithm ("The N+ Implementation Details of RLHF with PPO", Huang et al. 2024),
      value loss (- entropy bonus), token means over the minibatch on all processes.
 beta is fixed, or adapted toward kl_target (Ziegler et al. 2019).
 
+Critic-free (`trainer.ppo.advantage`): no critic is built and there is no value loss; the rollout
+holds trainer.sampling.n consecutive samples of each prompt, and every token of a completion gets
+its sequence's advantage. grpo (DeepSeekMath, Shao et al. 2024): (R - group mean) / (group std +
+1e-4), or without the division (grpo_std: false, Dr. GRPO, Liu et al. 2025, with loss_norm:
+constant); KL by default as a loss term beta * k3(policy, reference) per token. rloo (Ahmadian et
+al. 2024): R minus the mean of the prompt's other samples, with R = score - beta * sum_t kl_t (KL in
+the reward, as the paper). Whitening applies to GAE only: the group baseline takes its place.
+
 Departures from N+: the missing-EOS penalty is subtracted from the score (TRL) instead of
 replacing it, so truncated answers keep their ranking; score normalisation is per rollout batch
 (optional) rather than a reward-model bias fitted on SFT data; the learning rate follows the
@@ -49,11 +57,13 @@ from finetune.train.losses import (
     entropy_from_logits,
     gae_advantages,
     gather_logprobs,
+    group_advantages,
     kl_penalty,
     masked_moments,
     masked_sum,
     masked_whiten,
     per_token_rewards,
+    token_weights,
 )
 from finetune.train.metrics import MetricsLogger
 
@@ -139,6 +149,8 @@ class PPO:
         self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if reference is not None:
             reference.eval()
+        if not cfg.has_critic and (sampling.n < 2 or self.unwrapped.critic is not None):
+            raise ValueError(f"advantage {cfg.advantage}: no critic and trainer.sampling.n >= 2 samples per prompt")
         self.updates_done = self.skipped_steps = 0
         critic = self.unwrapped.critic_parameter_names()
         self.actor_params = [p for n, p in self.unwrapped.named_parameters() if p.requires_grad and n not in critic]
@@ -162,10 +174,16 @@ class PPO:
         scores = self._shape_scores(raw, gen.stopped)
         mask = gen.response_mask
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
-        rewards = per_token_rewards(scores, kl, mask, self.kl_ctl.beta)
-        advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+        rewards = per_token_rewards(scores, kl, mask, self.kl_ctl.beta if cfg.kl_term == "reward" else 0.0)
+        if cfg.has_critic:
+            advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+        else:
+            # Rows arrive as groups of sampling.n samples of one prompt (see train); the KL, when in
+            # the reward, enters summed over the sequence (RLOO's r - beta * KL per completion).
+            seq = group_advantages(rewards.sum(1), self.sampling.n, cfg.advantage, cfg.grpo_std)
+            advantages = returns = seq[:, None] * mask
         stats = self._rollout_stats(gen, raw, scores, logprobs, ref_logprobs, kl, rewards, values, advantages, returns)
-        if cfg.whiten_advantages:
+        if cfg.whiten_advantages and cfg.has_critic:  # a group baseline is the critic-free runs' normaliser
             advantages = masked_whiten(advantages, mask, all_reduce=self.all_reduce)
         exp = Experience(gen, raw, scores, logprobs, ref_logprobs, values, kl, rewards, advantages, returns)
         return exp, stats
@@ -183,7 +201,7 @@ class PPO:
             target = gen.response[rows]
             out[0].append(gather_logprobs(logits, target, temperature))
             out[1].append(gather_logprobs(ref_logits, target, temperature))
-            out[2].append(values.float())
+            out[2].append(torch.zeros_like(out[0][-1]) if values is None else values.float())
         return tuple(torch.cat(x) * gen.response_mask for x in out)
 
     def _reference_logits(self, inputs: dict) -> torch.Tensor:
@@ -216,8 +234,9 @@ class PPO:
         # Explained variance of the values: 1 - Var(returns - values) / Var(returns), over tokens.
         _, var_err, _ = masked_moments(returns - values, mask, self.all_reduce)
         _, var_ret, _ = masked_moments(returns, mask, self.all_reduce)
-        s.fixed = {"advantage_mean": float(mean), "advantage_std": float(var.sqrt()),
-                   "value_explained_variance": float(1 - var_err / var_ret.clamp(min=1e-12))}
+        s.fixed = {"advantage_mean": float(mean), "advantage_std": float(var.sqrt())}
+        if self.cfg.has_critic:
+            s.fixed["value_explained_variance"] = float(1 - var_err / var_ret.clamp(min=1e-12))
         return s
 
     # ------------------------------------------------------------ update
@@ -239,28 +258,20 @@ class PPO:
                 self._minibatch_step(exp, order[m * size:(m + 1) * size], stats)
 
     def _minibatch_step(self, exp: Experience, rows: torch.Tensor, stats: _Sums) -> None:
-        cfg, acc, temperature = self.cfg, self.acc, self.sampling.temperature
+        cfg, acc = self.cfg, self.acc
         tokens = exp.mask[rows].sum().double()
-        global_tokens = float(self.all_reduce(tokens) if self.all_reduce else tokens)
+        totals = torch.stack([tokens, torch.tensor(float(len(rows)), dtype=torch.float64, device=tokens.device)])
+        global_tokens, global_rows = (self.all_reduce(totals) if self.all_reduce else totals).tolist()
         actor_weight = 0.0 if self.updates_done < cfg.critic_warmup_updates else 1.0
         chunks = rows.split(self.micro)
         for i, idx in enumerate(chunks):
             mask = exp.mask[idx]
             # DDP all-reduces gradients on the minibatch's last micro-batch only.
             with contextlib.nullcontext() if i == len(chunks) - 1 else acc.no_sync(self.model):
-                logits, values = self.model(**exp.inputs(idx))
-                logprobs = gather_logprobs(logits, exp.gen.response[idx], temperature)
-                pol = clipped_policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.clip)
-                val = clipped_value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
-                with torch.set_grad_enabled(cfg.entropy_coef > 0):
-                    entropy = masked_sum(entropy_from_logits(logits, temperature), mask)
-                # actor_weight 0 (critic warm-up) keeps the policy in the graph, so DDP sees every parameter.
-                loss = actor_weight * pol.loss_sum + cfg.value_coef * val.loss_sum - cfg.entropy_coef * entropy
+                loss, logged = self._micro_loss(exp, idx, actor_weight, global_tokens, global_rows)
                 acc.backward(loss * acc.num_processes / global_tokens)
             n = mask.sum()
-            for name, value in (("policy_loss", pol.loss_sum), ("value_loss", val.loss_sum), ("entropy", entropy),
-                                ("policy_clipfrac", pol.clipped), ("value_clipfrac", val.clipped),
-                                ("ratio", pol.ratio_sum), ("approx_kl", pol.approx_kl_sum)):
+            for name, value in logged.items():
                 stats.add(name, value, n)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
         if self.guard is not None and not self.guard.step_is_finite(grad_norm):
@@ -276,6 +287,37 @@ class PPO:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats.add("grad_norm", grad_norm, 1)
+
+    def _micro_loss(self, exp: Experience, idx: torch.Tensor, actor_weight: float, global_tokens: float,
+                    global_rows: float) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss as a sum over its tokens (divided by the minibatch's token count by
+        the caller), and the sums to log."""
+        cfg, temperature, mask = self.cfg, self.sampling.temperature, exp.mask[idx]
+        weight = None
+        if cfg.loss_norm != "token_mean":
+            weight = token_weights(mask, cfg.loss_norm, global_tokens, global_rows, self.sampling.max_new_tokens)
+        logits, values = self.model(**exp.inputs(idx))
+        logprobs = gather_logprobs(logits, exp.gen.response[idx], temperature)
+        pol = clipped_policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.clip,
+                                  **({} if weight is None else {"weight": weight}))
+        with torch.set_grad_enabled(cfg.entropy_coef > 0):
+            entropy = masked_sum(entropy_from_logits(logits, temperature), mask)
+        # actor_weight 0 (critic warm-up) keeps the policy in the graph, so DDP sees every parameter.
+        loss = actor_weight * pol.loss_sum - cfg.entropy_coef * entropy
+        logged = {"policy_loss": pol.loss_sum, "entropy": entropy, "policy_clipfrac": pol.clipped,
+                  "ratio": pol.ratio_sum, "approx_kl": pol.approx_kl_sum}
+        if values is not None:
+            val = clipped_value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
+            loss = loss + cfg.value_coef * val.loss_sum
+            logged |= {"value_loss": val.loss_sum, "value_clipfrac": val.clipped}
+        if cfg.kl_term == "loss":
+            # k3 of the current policy against the (fixed) reference, with its gradient (GRPO);
+            # k1's gradient is zero in expectation, so the loss term always uses k3.
+            kl = kl_penalty(logprobs, exp.ref_logprobs[idx], "k3")
+            kl_sum = masked_sum(kl if weight is None else kl * weight, mask)
+            loss = loss + self.kl_ctl.beta * kl_sum
+            logged["kl_loss"] = kl_sum
+        return loss, logged
 
     def step(self, prompts: list[list[int]], score_fn: ScoreFn) -> tuple[dict, Experience]:
         """One PPO update; returns (statistics averaged over all processes, this process's experience)."""
@@ -321,6 +363,7 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
         if p.eval_prompts and ppo.updates_done == 0:
             logger.log({"step": 0, **held_out()})
         while ppo.updates_done < updates:
+            # A prompt's n samples are consecutive rows: grpo / rloo read them as one group.
             rows = [i for i in stream.indices(ppo.updates_done) for _ in range(n)]
             scorer = ChatScorer(p, [p.prompts[i] for i in rows])
             record, exp = ppo.step([p.prompt_ids[i] for i in rows], scorer)
