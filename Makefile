@@ -25,10 +25,12 @@ $(STAMP): pyproject.toml Makefile
 quickstart: install
 	$(VENV)/bin/finetune run recipes/quickstart.yaml run.overwrite=true
 
-# Two xdist workers (one torch thread each) on CI's 2 cores; the quickstart story, the longest
-# test, is one group that starts first so the rest fills the other worker around it.
+# Two xdist workers (one torch thread each) on CI's 2 cores, a test file per work unit: the
+# quickstart story's module fixture then runs once, on one worker, and it starts first so the
+# rest fills the other worker around it. (Not loadgroup: xdist 3.8's group suffix is lost under
+# pytest 9, so a group's module fixture ran on both workers.)
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not gpu"

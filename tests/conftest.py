@@ -33,7 +33,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The quickstart story first: with `-n 2 --dist loadgroup` it then runs beside everything else
+    """The quickstart story first: with `-n 2 --dist loadfile` it then runs beside everything else
     instead of starting last and leaving the other worker idle."""
     items.sort(key=lambda item: 0 if "test_quickstart" in item.nodeid else 1)
 
