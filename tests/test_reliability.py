@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,8 @@ def test_truncated_newest_checkpoint_is_skipped(in_tmp, capsys):
     newest = in_tmp / "out" / "checkpoints" / "step-4" / "optimizer.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # a save cut short by a crash or a full disk
     (in_tmp / "out" / "final").rename(in_tmp / "old-final")
+    # As if killed before the last step's checkpoint (a finished run keeps that one too).
+    shutil.rmtree(in_tmp / "out" / "checkpoints" / "step-6")
     run_recipe(recipe_from_dict(data))
     err = capsys.readouterr().err
     assert "step-4 is unusable" in err and "optimizer.pt has 100 bytes" in err
