@@ -4,6 +4,8 @@
     <output_dir>/metrics.jsonl          one JSON object per logged step
     <output_dir>/checkpoints/step-N/    model/ (save_pretrained: full model or adapter), tokenizer/,
                                         optimizer.pt, scheduler.pt, rng-<rank>.pt, trainer_state.json
+                                        (launch.strategy fsdp: sharded/ instead of model/ and
+                                        optimizer.pt: one DCP shard file per rank, sharding.py)
     <output_dir>/final/                 loadable with from_pretrained, tokenizer beside it
 
 A checkpoint is written into checkpoints/.tmp-step-N, fsynced, listed in manifest.json (sizes and
@@ -25,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from finetune.errors import RecipeError
+from finetune.train import sharding
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -92,10 +97,16 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, model, optimizer, 
         accelerator.wait_for_everyone()
         # Every rank owns its RNG stream (dropout, sampling); the rest is replicated under DDP.
         torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-        state_dict = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            _write_main_files(tmp, accelerator.unwrap_model(model), state_dict, optimizer, scheduler,
-                              state, tokenizer)
+        if sharding.is_sharded(model):
+            # FSDP2: every rank writes its own shard of the weights and optimizer state.
+            sharding.save_sharded(tmp / sharding.SHARDED_DIR, model, optimizer)
+            if accelerator.is_main_process:
+                _write_main_files(tmp, None, None, None, scheduler, state, tokenizer)
+        else:
+            state_dict = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                _write_main_files(tmp, accelerator.unwrap_model(model), state_dict, optimizer, scheduler,
+                                  state, tokenizer)
     except OSError as e:
         error = e
     accelerator.wait_for_everyone()
@@ -119,8 +130,10 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, model, optimizer, 
 
 
 def _write_main_files(tmp: Path, model, state_dict, optimizer, scheduler, state: dict, tokenizer) -> None:
-    model.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    """Rank 0's files; model and optimizer are None when the ranks wrote them sharded."""
+    if model is not None:
+        model.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if tokenizer is not None:  # a tokenizer trained by this run must come back identical
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -170,14 +183,31 @@ def remove_partial_checkpoints(output_dir: Path) -> None:
 
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
-    """Restores weights, optimizer, scheduler and this rank's RNG; returns the trainer state."""
-    load_weights(accelerator.unwrap_model(model), path / "model")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    """Restores weights, optimizer, scheduler and this rank's RNG; returns the trainer state.
+
+    Refuses, before reading any weight, a checkpoint written by another number of processes (the
+    data position counts micro-batches per rank: another count would re-read or skip data) or
+    under another strategy (FSDP's sharded/ vs everyone else's full model/)."""
+    state = json.loads((path / STATE_FILE).read_text())
+    saved = state.get("num_processes", accelerator.num_processes)
+    if saved != accelerator.num_processes:
+        raise RecipeError(f"run.resume: {path} was written by {saved} process(es); resume it with "
+                          f"{saved}, not {accelerator.num_processes}")
+    written_sharded = (path / sharding.SHARDED_DIR).is_dir()
+    if written_sharded != sharding.is_sharded(model):
+        raise RecipeError(f"run.resume: {path} was written " + ("under launch.strategy fsdp; resume it with fsdp"
+                          if written_sharded else "without FSDP sharding; resume it with the strategy it was "
+                          "written with (not fsdp), or start a new run from it"))
+    if written_sharded:
+        sharding.load_sharded(path / sharding.SHARDED_DIR, model, optimizer)
+    else:
+        load_weights(accelerator.unwrap_model(model), path / "model")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = path / f"rng-{accelerator.process_index}.pt"
-    if rng.is_file():  # absent when resuming with more processes than were saved
+    if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
-    return json.loads((path / STATE_FILE).read_text())
+    return state
 
 
 def load_weights(model, model_dir: Path, skip: tuple[str, ...] = ()) -> None:

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from finetune.console import info
-from finetune.errors import DataError, RecipeError
+from finetune.errors import DataError
 from finetune.models.precision import mixed_precision
 from finetune.recipe.schema import Recipe, write_recipe
-from finetune.train import checkpoint
+from finetune.train import checkpoint, sharding
 from finetune.train.collate import Batch
 from finetune.train.guards import NumericGuard, Preempted, StopSignal, TrainingStopped, oom_message
 from finetune.train.losses import count_trained_tokens, token_ce_sum
@@ -167,29 +167,38 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
 
     out = Path(recipe.run.output_dir)
     run = recipe.run
-    accelerator = accelerator or Accelerator(
-        # cpu=True on a machine without CUDA: otherwise accelerate ignores a torchrun/accelerate
-        # process group there and every process trains alone (gloo is the CPU backend).
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=resolve_precision(recipe), log_with=run.report_to or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    with sharding.accelerate_without_fsdp():
+        accelerator = accelerator or Accelerator(
+            # cpu=True on a machine without CUDA: otherwise accelerate ignores a torchrun/accelerate
+            # process group there and every process trains alone (gloo is the CPU backend).
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=resolve_precision(recipe), log_with=run.report_to or None,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        )
     set_seed(run.seed)
+    # FSDP2 over the processes (sharding.py); one process has nothing to shard over.
+    fsdp = sharding.fsdp_requested(recipe) and accelerator.num_processes > 1
+    kind = "fsdp" if fsdp else accelerator.distributed_type.value.lower()
     info(f"device     {accelerator.num_processes} x {accelerator.device.type} "
-         f"({accelerator.distributed_type.value.lower()}, precision {accelerator.mixed_precision})", accelerator)
+         f"({kind}, precision {accelerator.mixed_precision})", accelerator)
     stream = MicroBatchStream(len(task.train_units), run.micro_batch_size, accelerator.num_processes,
                               accelerator.process_index, run.seed, recipe.data.shuffle)
     if stream.per_epoch == 0:
         raise DataError(f"data.train: {len(task.train_units)} training units is fewer than one global batch "
                         f"(run.micro_batch_size {run.micro_batch_size} x {accelerator.num_processes} processes)")
     steps = total_steps(recipe, stream)
-    if not getattr(task.model, "hf_device_map", None) and accelerator.distributed_type.value in _MOVE_FIRST:
+    if fsdp:
+        sharding.shard(task.model, accelerator, recipe)  # each rank's slice moves to its device
+    elif not getattr(task.model, "hf_device_map", None) and accelerator.distributed_type.value in _MOVE_FIRST:
         # accelerate would move it in prepare(); moved first, build_optimizer sees CUDA parameters
         # and builds the fused AdamW (one kernel per step instead of a foreach chain).
         task.model.to(accelerator.device)
     optimizer = build_optimizer(recipe, task.model)
     scheduler = build_scheduler(recipe, optimizer, steps)
-    model, optimizer = accelerator.prepare(task.model, optimizer)
+    if fsdp:
+        model, optimizer = sharding.prepare(accelerator, task.model, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(task.model, optimizer)
     if task.on_prepared is not None:
         task.on_prepared(model, accelerator)
 
@@ -199,12 +208,8 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
         write_recipe(recipe, out / "recipe.yaml")
         checkpoint.remove_partial_checkpoints(out)
     if resume_from is not None:
+        # Refuses another process count (or a checkpoint of another strategy) before reading weights.
         state = checkpoint.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
-        saved = state.get("num_processes", accelerator.num_processes)
-        if saved != accelerator.num_processes:
-            # The data position counts micro-batches per rank: another world size would re-read or skip data.
-            raise RecipeError(f"run.resume: {resume_from} was written by {saved} process(es); resume it with "
-                              f"{saved}, not {accelerator.num_processes}")
         use_recipe_lr(recipe.optim.lr, optimizer, scheduler)
         info(f"resumed from {resume_from} at step {state['step']}", accelerator)
     if run.report_to:
@@ -222,7 +227,7 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
         while state["step"] < steps:
             loop.step(state)
             if stop.should_stop(accelerator):
-                _preempt(loop, state, stop.name)
+                _preempt(loop, state, stop.name or "a signal to another process")  # all ranks stop
         final = save_final(accelerator, model, task.tokenizer, out)
     except BaseException:
         release_accelerator()
@@ -268,7 +273,9 @@ class _Loop:
             accumulate_gradients(acc, self.model, self.task, micro, self.window, state["step"] + 1)
             # Clipping also yields the global gradient norm the numeric guard reads (inf = no clip);
             # under DeepSpeed the engine clipped already and this is its norm, a float.
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm or float("inf"))
+            # Under FSDP2 the norm is a DTensor; sharding.plain makes it the full value.
+            grad_norm = sharding.plain(acc.clip_grad_norm_(self.model.parameters(),
+                                                           self.recipe.optim.max_grad_norm or float("inf")))
         except torch.cuda.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
             longest = max(int(b.input_ids.shape[-1]) for b in micro)
@@ -339,7 +346,8 @@ def accumulate_gradients(accelerator, model, task: SupervisedTask, micro: list[B
     kwargs = {"scale_wrt_gas": False} if deepspeed else {}
     try:
         for i, batch in enumerate(micro):
-            # DDP all-reduces gradients only on the last micro-batch of the step.
+            # DDP all-reduces gradients only on the last micro-batch of the step; FSDP2 has no
+            # no_sync (nullcontext) and reduce-scatters every micro-batch (sharding.py says why).
             sync = i == len(micro) - 1
             if deepspeed:
                 accelerator.gradient_state._set_sync_gradients(sync)
@@ -489,7 +497,8 @@ def eval_batches(n_units: int, micro_batch_size: int, world: int, rank: int,
 def save_final(accelerator, model, tokenizer, out: Path) -> Path:
     """final/: save_pretrained output (full model or adapter) and the tokenizer, atomically."""
     final, tmp = out / "final", out / ".tmp-final"
-    state_dict = accelerator.get_state_dict(model)
+    # FSDP2: the full weights gathered to rank 0 (a collective), so final/ is never sharded.
+    state_dict = sharding.full_state_dict(model) if sharding.is_sharded(model) else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         import shutil
 

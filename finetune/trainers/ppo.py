@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 
 from finetune.console import info
-from finetune.errors import RecipeError
 from finetune.recipe.schema import PPOCfg, Recipe, SamplingCfg, write_recipe
 from finetune.rl.ppo_models import ActorCritic, Generated, adapters_disabled, generate, model_inputs, response_logits
 from finetune.rl.ppo_setup import ChatScorer, Layout, Prepared, evaluate, plan, prepare, write_samples
@@ -438,12 +437,9 @@ def _save(ppo: PPO, out: Path, keep_last: int, tokenizer) -> Path:
 
 
 def _resume(ppo: PPO, path: Path) -> None:
-    # load_checkpoint restores the policy (full weights or adapter), optimizer, schedule and RNG;
-    # the critic sits beside the policy in model/critic/.
+    # load_checkpoint refuses another process count, then restores the policy (full weights or
+    # adapter), optimizer, schedule and RNG; the critic sits beside the policy in model/critic/.
     state = checkpoint.load_checkpoint(ppo.acc, path, ppo.unwrapped.policy, ppo.optimizer, ppo.scheduler)
-    if state.get("num_processes", ppo.acc.num_processes) != ppo.acc.num_processes:
-        raise RecipeError(f"run.resume: {path} was written by {state['num_processes']} process(es); resume it "
-                          "with that many")
     ppo.unwrapped.load_critic(path / "model")
     ppo.updates_done, ppo.kl_ctl.beta, ppo.skipped_steps = state["step"], state["beta"], state["skipped_steps"]
     info(f"resumed from {path} at update {state['step']}", ppo.acc)
