@@ -45,8 +45,8 @@ def report(strategy: str | None = None) -> list[str]:
     deepspeed = _version("deepspeed") != "not installed"
     needs = {
         "ddp": ("torch.distributed (gloo on CPU, nccl on GPU); one process per GPU", dist),
-        "fsdp": ("torch >= 2.4 (FSDP2, fully_shard), accelerate >= 1.4 and CUDA GPUs (accelerate shards only "
-                 "on GPUs)", dist and cuda),
+        "fsdp": ("torch.distributed (FSDP2's fully_shard and torch.distributed.checkpoint); GPUs or gloo CPU "
+                 "processes", dist),
         "zero2": ("deepspeed installed and CUDA GPUs", dist and cuda and deepspeed),
         "zero3": ("deepspeed installed and CUDA GPUs", dist and cuda and deepspeed),
     }

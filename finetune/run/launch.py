@@ -205,29 +205,6 @@ def end_process_group() -> None:
 # `finetune launch`: the same run in N processes (x M nodes) through `accelerate launch`
 
 
-def wrap_classes(recipe: Recipe) -> list[str] | None:
-    """The block classes FSDP wraps one by one: the model's own `_no_split_modules` (e.g.
-    LlamaDecoderLayer, GPT2Block, GPTNeoXLayer; Gemma-3's text and vision layers), read from a copy
-    built on the meta device, so no weight is loaded or allocated."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from finetune.models.loading import load_config
-
-    try:
-        config = load_config(recipe)
-        auto = AutoModelForSequenceClassification if recipe.trainer.type == "reward" else AutoModelForCausalLM
-        with torch.device("meta"):
-            model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    except Exception:  # noqa: BLE001 - config unreachable offline: accelerate's default policy then
-        return None
-    present = {type(m).__name__ for m in model.modules()}
-    # Composite models (vision + text) declare their blocks on the sub-models; accelerate refuses
-    # a class name that is not in the model, so only classes present are listed.
-    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
-    return sorted(names & present) or None
-
-
 def deepspeed_config(recipe: Recipe) -> dict:
     """The DeepSpeed JSON for zero2/zero3. accelerate leaves the micro batch "auto" and fills it
     only from a DataLoader passed to prepare() (ours are not), so every batch key is explicit; the
@@ -269,23 +246,9 @@ def accelerate_config(recipe: Recipe, deepspeed_file: Path | None = None) -> dic
         "mixed_precision": "no",
         "use_cpu": False,
     }
-    if la.strategy == "fsdp":
-        config["distributed_type"] = "FSDP"
-        config["fsdp_config"] = {
-            "fsdp_version": 2,
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_reshard_after_forward": True,
-            "fsdp_state_dict_type": "FULL_STATE_DICT" if la.fsdp_state_dict == "full" else "SHARDED_STATE_DICT",
-            # Rank 0 alone reads the weights (the others hold empty tensors) and they are
-            # broadcast at prepare(): host RAM holds one fp32 copy per node, not one per GPU.
-            "fsdp_cpu_ram_efficient_loading": True,
-            "fsdp_sync_module_states": True,  # accelerate launch requires it with the line above
-            "fsdp_activation_checkpointing": False,
-        }
-        layers = wrap_classes(recipe)
-        if layers:
-            config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = ",".join(layers)
-    elif la.strategy in ("zero2", "zero3"):
+    # fsdp has no section here: the engine applies FSDP2 itself on GPUs and CPUs alike
+    # (finetune/train/sharding.py); accelerate only starts the processes, as for ddp.
+    if la.strategy in ("zero2", "zero3"):
         config["distributed_type"] = "DEEPSPEED"
         # With a DeepSpeed file accelerate refuses a mixed_precision key (the file's bf16/fp16 decide).
         del config["mixed_precision"]
@@ -311,22 +274,24 @@ def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
         raise RecipeError(f"launch.node_rank: {la.node_rank} must be below launch.nnodes ({la.nnodes})")
     if la.master and not re.fullmatch(r"[\w.\-:\[\]]+:\d{1,5}", la.master):
         raise RecipeError(f"launch.master: {la.master!r} is not host:port")
-    if la.strategy != "ddp" and (recipe.run.save_every or recipe.run.resume not in ("auto", "never")):
-        # Checkpoints hold rank 0's optimizer state, which is complete only when it is replicated.
-        raise RecipeError(f"launch.strategy {la.strategy}: resumable checkpoints are written for ddp only in "
-                          "this version (optimizer state is sharded); set run.save_every=null or use ddp")
+    if la.strategy in ("zero2", "zero3") and (recipe.run.save_every or recipe.run.resume not in ("auto", "never")):
+        # Checkpoints hold rank 0's optimizer state, which is complete only when it is replicated
+        # (fsdp writes every rank's shard: sharding.py).
+        raise RecipeError(f"launch.strategy {la.strategy}: resumable checkpoints are written for ddp and fsdp only "
+                          "in this version (optimizer state is sharded); set run.save_every=null or use ddp")
     visible = torch.cuda.device_count()
     if gpus_requested and la.num_processes > visible:
         raise RecipeError(f"--gpus {la.num_processes}: only {visible} CUDA GPU(s) visible on this machine "
                           "(use --num-processes for CPU processes)")
     if la.strategy in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
         raise RecipeError(f"launch.strategy {la.strategy}: needs DeepSpeed (pip install deepspeed)")
-    if la.strategy != "ddp" and visible == 0:
+    if la.strategy in ("zero2", "zero3") and visible == 0:
         # accelerate runs CPU process groups as plain multi-CPU data parallel: no sharding there.
         raise RecipeError(f"launch.strategy {la.strategy}: needs CUDA GPUs (accelerate shards only on GPUs); "
                           "use ddp on CPU")
-    if la.strategy == "fsdp" and recipe.model.quantize and recipe.adapter is None:
-        raise RecipeError("launch.strategy fsdp: a quantized model trains only adapters; add an adapter section")
+    if la.strategy == "fsdp" and recipe.model.quantize:
+        raise RecipeError("launch.strategy fsdp: a 4/8-bit (model.quantize) base is not sharded by FSDP2 here; "
+                          "use ddp (each process holds the quantized base)")
     if la.node_rank == 0:
         host, _, port = (la.master or "127.0.0.1:29500").rpartition(":")
         with socket.socket() as s:
@@ -338,14 +303,28 @@ def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
                                   f"--master {host or '127.0.0.1'}:PORT") from None
 
 
+def check_resume_world(ckpt: Path | None, processes: int) -> None:
+    """The engine refuses to resume with another process count (the data position is per rank);
+    the launcher says so before starting any process."""
+    from finetune.train.checkpoint import STATE_FILE
+
+    if ckpt is None:
+        return
+    saved = json.loads((ckpt / STATE_FILE).read_text()).get("num_processes", processes)
+    if saved != processes:
+        raise RecipeError(f"run.resume: {ckpt} was written by {saved} process(es); resume it with {saved} "
+                          f"(--num-processes x --nnodes), not {processes}")
+
+
 def launch_processes(recipe_path: str, overrides: list[str], recipe: Recipe, gpus_requested: bool) -> int:
     """Validates in this process, writes the accelerate config, re-executes under accelerate."""
     import subprocess
     import sys
 
     check_recipe(recipe)
-    resolve_resume(recipe)  # a different run in output_dir fails here, before any process starts
+    resume = resolve_resume(recipe)  # a different run in output_dir fails here, before any process starts
     check_launch(recipe, gpus_requested)
+    check_resume_world(resume, recipe.launch.num_processes * recipe.launch.nnodes)
     out = Path(recipe.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # One file per node: nodes sharing a file system must not overwrite each other's machine_rank.
