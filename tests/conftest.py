@@ -91,8 +91,9 @@ def tiny_pretrain_recipe(tmp: Path, **run) -> dict:
     }
 
 
-def save_tiny_chat_model(path: Path, texts: list[str] | None = None) -> Path:
-    """A tiny random Llama + BPE tokenizer with the ChatML template, saved like a Hub model."""
+def save_tiny_chat_model(path: Path, texts: list[str] | None = None, **config) -> Path:
+    """A tiny random Llama + BPE tokenizer with the ChatML template, saved like a Hub model;
+    `config` overrides TINY_LLAMA (e.g. tie_word_embeddings=True)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -100,7 +101,7 @@ def save_tiny_chat_model(path: Path, texts: list[str] | None = None) -> Path:
 
     texts = texts or [f"What is {a} + {b}? {a} + {b} = {a + b}" for a in range(20) for b in range(20)]
     tok = train_bpe_tokenizer(texts, vocab_size=320, chat_template="chatml")
-    cfg = dict(TINY_LLAMA)
+    cfg = {**TINY_LLAMA, **config}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         cfg.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,

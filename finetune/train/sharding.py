@@ -120,10 +120,21 @@ def plain(value):
 
 
 def full_state_dict(model) -> dict:
-    """The whole model's state dict on rank 0's CPU (empty on the other ranks); all ranks call it."""
+    """The whole model's state dict on rank 0's CPU (empty on the other ranks); all ranks call it.
+
+    Tied parameters (embeddings and head) come back as separate copies; they are made one tensor
+    again so save_pretrained drops the tied name, as it does for an unsharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for first, *aliases in names.values():
+        for alias in aliases:
+            if first in state and alias in state:
+                state[alias] = state[first]
+    return state
 
 
 def _torch_optimizer(optimizer):
