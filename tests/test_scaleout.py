@@ -57,6 +57,14 @@ def test_fsdp_wraps_the_models_own_block_classes(in_tmp, model_type, expected):
     assert accelerate_config(r) == accelerate_config(recipe(in_tmp, TINY[model_type]))
 
 
+def test_fsdp_state_dict_is_noted_as_unused(in_tmp):
+    from finetune.recipe.checks import check_recipe
+
+    assert not any("fsdp_state_dict" in n for n in check_recipe(recipe(in_tmp, strategy="fsdp")))
+    notes = check_recipe(recipe(in_tmp, strategy="fsdp", fsdp_state_dict="sharded"))
+    assert any(n.startswith("launch.fsdp_state_dict is no longer used") for n in notes)
+
+
 @pytest.mark.parametrize(("strategy", "precision"), [("zero2", "bf16"), ("zero3", "fp16"), ("zero3", "fp32")])
 def test_deepspeed_config_states_every_batch_key(in_tmp, strategy, precision):
     r = recipe(in_tmp, strategy=strategy)

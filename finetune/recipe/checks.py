@@ -58,6 +58,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
             raise RecipeError(f"run.report_to: {tracker} is not installed (pip install {tracker.replace('_', '-')})")
     if recipe.model.trust_remote_code:
         notes.append("model.trust_remote_code is on: code from the model repository will run")
+    if recipe.launch.fsdp_state_dict != "full":
+        notes.append("launch.fsdp_state_dict is no longer used: fsdp checkpoints are always sharded (a file per "
+                     "process) and final/ always one consolidated model")
     return notes
 
 

@@ -324,6 +324,8 @@ class LaunchCfg(Section):
     nnodes: int = Field(1, gt=0)
     node_rank: int = Field(0, ge=0)
     master: str | None = None             # "host:port" of node 0; required when nnodes > 1
+    # Unused since the engine applies FSDP2 itself (checkpoints sharded, final/ consolidated); still
+    # accepted so recipes and saved recipe.yaml files that name it load (check_recipe notes "sharded").
     fsdp_state_dict: Literal["full", "sharded"] = "full"
 
 
