@@ -65,7 +65,8 @@ def test_deepspeed_config_states_every_batch_key(in_tmp, strategy, precision):
     assert not any(v == "auto" for v in json.dumps(ds).split('"'))
     cfg = accelerate_config(r, in_tmp / "ds.json")
     assert cfg["distributed_type"] == "DEEPSPEED"
-    assert cfg["deepspeed_config"] == {"deepspeed_config_file": str(in_tmp / "ds.json"), "zero3_init_flag": False}
+    assert cfg["deepspeed_config"] == {"deepspeed_config_file": str(in_tmp / "ds.json"), "zero3_init_flag": False,
+                                       "deepspeed_multinode_launcher": "standard"}
     # accelerate refuses a mixed_precision key next to a DeepSpeed file (the file decides precision)
     assert "mixed_precision" not in cfg
     yaml.safe_dump(cfg)

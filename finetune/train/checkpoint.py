@@ -4,6 +4,8 @@
     <output_dir>/metrics.jsonl          one JSON object per logged step
     <output_dir>/checkpoints/step-N/    model/ (save_pretrained: full model or adapter), tokenizer/,
                                         optimizer.pt, scheduler.pt, rng-<rank>.pt, trainer_state.json
+                                        (zero2/zero3: deepspeed/ with every rank's ZeRO shard instead
+                                        of optimizer.pt, and DeepSpeed's zero_to_fp32.py)
     <output_dir>/final/                 loadable with from_pretrained, tokenizer beside it
 
 A checkpoint is written into checkpoints/.tmp-step-N, fsynced, listed in manifest.json (sizes and
@@ -25,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from finetune.train import deepspeed_support
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -92,10 +96,13 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, model, optimizer, 
         accelerator.wait_for_everyone()
         # Every rank owns its RNG stream (dropout, sampling); the rest is replicated under DDP.
         torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-        state_dict = accelerator.get_state_dict(model)
+        engine = deepspeed_support.is_engine(accelerator)
+        if engine:  # every rank writes its ZeRO shard; rank 0 lists them in the manifest below
+            deepspeed_support.save_engine_state(model, tmp)
+        state_dict = accelerator.get_state_dict(model)  # ZeRO-3: gathered from every rank
         if accelerator.is_main_process:
-            _write_main_files(tmp, accelerator.unwrap_model(model), state_dict, optimizer, scheduler,
-                              state, tokenizer)
+            _write_main_files(tmp, accelerator.unwrap_model(model), state_dict, None if engine else optimizer,
+                              scheduler, state, tokenizer)
     except OSError as e:
         error = e
     accelerator.wait_for_everyone()
@@ -120,7 +127,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, model, optimizer, 
 
 def _write_main_files(tmp: Path, model, state_dict, optimizer, scheduler, state: dict, tokenizer) -> None:
     model.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:  # None under DeepSpeed: its state is in deepspeed/
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if tokenizer is not None:  # a tokenizer trained by this run must come back identical
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -169,15 +177,28 @@ def remove_partial_checkpoints(output_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json (step, data position, number of processes)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
     """Restores weights, optimizer, scheduler and this rank's RNG; returns the trainer state."""
-    load_weights(accelerator.unwrap_model(model), path / "model")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    if deepspeed_support.is_engine(accelerator):
+        deepspeed_support.load_engine_state(model, path)  # weights and this rank's optimizer shard
+    elif not (path / "optimizer.pt").is_file() and (path / deepspeed_support.ENGINE_TAG).is_dir():
+        from finetune.errors import RecipeError
+
+        raise RecipeError(f"run.resume: {path} was written under zero2/zero3 (its optimizer state is DeepSpeed's, "
+                          f"in {deepspeed_support.ENGINE_TAG}/); resume it with the strategy it was written with")
+    else:
+        load_weights(accelerator.unwrap_model(model), path / "model")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = path / f"rng-{accelerator.process_index}.pt"
     if rng.is_file():  # absent when resuming with more processes than were saved
         _set_rng_state(torch.load(rng, weights_only=True))
-    return json.loads((path / STATE_FILE).read_text())
+    return read_state(path)
 
 
 def load_weights(model, model_dir: Path, skip: tuple[str, ...] = ()) -> None:
