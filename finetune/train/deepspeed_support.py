@@ -21,11 +21,13 @@ zero_grad() are no-ops. The loop (engine.py) stays the same with three differenc
   manifest after a barrier (checkpoint.save_checkpoint); resume loads them back with the engine's
   load_checkpoint. final/ and the checkpoints' model/ hold the engine's 16-bit weights (bf16/fp16
   runs; ZeRO-3 gathers them: stage3_gather_16bit_weights_on_model_save); the fp32 master weights
-  stay in the optimizer shards, which DeepSpeed's zero_to_fp32.py (beside them) consolidates.
+  stay in the optimizer shards, which DeepSpeed's zero_to_fp32.py beside them consolidates
+  (`python zero_to_fp32.py . OUT --tag deepspeed` inside checkpoints/step-N).
 
 DeepSpeed also runs on the CPU (its CPU accelerator, gloo between processes): start_kwargs() then
 keeps accelerate from treating the processes as plain multi-CPU data parallel, which would ignore
-DeepSpeed. That is how `make test` runs ZeRO-2/3 when deepspeed is installed (tests/test_deepspeed.py).
+DeepSpeed. tests/test_deepspeed.py runs ZeRO-2 and ZeRO-3 that way where deepspeed is installed
+(`make test` does not install it: they skip there).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-# checkpoints/step-N/<ENGINE_TAG>/: the engine's files (mp_rank_00_model_states.pt, one
-# zero_pp_rank_<r>_mp_rank_00_optim_states.pt per rank, ZeRO-3's weight shards).
+# checkpoints/step-N/<ENGINE_TAG>/: the engine's files (ZeRO-2: rank 0's mp_rank_00_model_states.pt;
+# ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank; both: zero_pp_rank_<r>_mp_rank_00_optim_states.pt
+# per rank).
 ENGINE_TAG = "deepspeed"
 STRATEGIES = ("zero2", "zero3")
 # deepspeed 0.18.x keeps only the last micro-batch's gradients under ZeRO-2 when accelerate marks the
