@@ -126,7 +126,8 @@ def test_numeric_guard_takes_deepspeeds_float_grad_norm():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed shards on CUDA GPUs only")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ZeRO-2 on one CUDA GPU (tests/test_deepspeed.py runs "
+                    "CPU processes)")
 def test_zero2_with_accumulation_equals_one_plain_process(in_tmp, tmp_path_factory):
     """One GPU under ZeRO-2 (micro 4 x accumulation 2, fp32) ends with the weights of the plain
     run: the engine accumulates both micro-batches on the step mean and steps once per step."""
