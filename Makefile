@@ -58,11 +58,14 @@ WHEEL_PY   ?= 3.12
 GPU_WHEELS ?= trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 dill==0.3.9 multiprocess==0.70.17 \
               pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
               peft==0.21.2
+# DeepSpeed (gpu-check's zero2/zero3 line) is an sdist on PyPI: built here into a pure-Python wheel.
+DS_WHEELS  ?= hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 py-cpuinfo==9.0.0 einops==0.8.2 psutil==7.2.2
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(WHEEL_PY) --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-	  --platform any -d .whl $(GPU_WHEELS)
+	  --platform any -d .whl $(GPU_WHEELS) $(DS_WHEELS)
+	DS_BUILD_OPS=0 $(PYTHON) -m pip wheel -q --no-deps -w .whl "deepspeed==0.19.8"
 	@du -sh .whl
 
 clean:

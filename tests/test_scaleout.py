@@ -78,7 +78,8 @@ def test_deepspeed_config_states_every_batch_key(in_tmp, strategy, precision):
     assert not any(v == "auto" for v in json.dumps(ds).split('"'))
     cfg = accelerate_config(r, in_tmp / "ds.json")
     assert cfg["distributed_type"] == "DEEPSPEED"
-    assert cfg["deepspeed_config"] == {"deepspeed_config_file": str(in_tmp / "ds.json"), "zero3_init_flag": False}
+    assert cfg["deepspeed_config"] == {"deepspeed_config_file": str(in_tmp / "ds.json"), "zero3_init_flag": False,
+                                       "deepspeed_multinode_launcher": "standard"}
     # accelerate refuses a mixed_precision key next to a DeepSpeed file (the file decides precision)
     assert "mixed_precision" not in cfg
     yaml.safe_dump(cfg)
@@ -138,7 +139,8 @@ def test_numeric_guard_takes_deepspeeds_float_grad_norm():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed shards on CUDA GPUs only")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ZeRO-2 on one CUDA GPU (tests/test_deepspeed.py runs "
+                    "CPU processes)")
 def test_zero2_with_accumulation_equals_one_plain_process(in_tmp, tmp_path_factory):
     """One GPU under ZeRO-2 (micro 4 x accumulation 2, fp32) ends with the weights of the plain
     run: the engine accumulates both micro-batches on the step mean and steps once per step."""

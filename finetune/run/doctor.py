@@ -42,13 +42,18 @@ def report(strategy: str | None = None) -> list[str]:
             lines.append(f"env           {var}={os.environ[var]}")
     # The verdicts follow finetune.run.launch.check_launch: "ok" where `finetune launch` would start.
     dist = torch.distributed.is_available()
-    deepspeed = _version("deepspeed") != "not installed"
+    from finetune.train.deepspeed_support import MIN_VERSION, launch_problem
+
+    deepspeed = launch_problem() is None
     needs = {
         "ddp": ("torch.distributed (gloo on CPU, nccl on GPU); one process per GPU", dist),
         "fsdp": ("torch.distributed (FSDP2's fully_shard and torch.distributed.checkpoint); GPUs or gloo CPU "
                  "processes", dist),
-        "zero2": ("deepspeed installed and CUDA GPUs", dist and cuda and deepspeed),
-        "zero3": ("deepspeed installed and CUDA GPUs", dist and cuda and deepspeed),
+        # DeepSpeed's CPU accelerator runs ZeRO over gloo where there is no GPU.
+        "zero2": (f"deepspeed >= {MIN_VERSION} (pip install 'finetune[deepspeed]'); CUDA GPUs or CPU processes "
+                  "(gloo)", dist and deepspeed),
+        "zero3": (f"deepspeed >= {MIN_VERSION} (pip install 'finetune[deepspeed]'); CUDA GPUs or CPU processes "
+                  "(gloo)", dist and deepspeed),
     }
     for name, (need, ok) in needs.items():
         if strategy in (None, name):

@@ -16,6 +16,7 @@ exits 1 on any FAIL. Checks:
 - compile: run.compile's layers over varying lengths: recompiles, graph breaks, tokens/s and loss vs eager.
 - ppo: two PPO LoRA updates: ratio at the first minibatch ~ 1, finite non-zero grad norms, bf16 rollouts.
 - pytest -m gpu, and `finetune bench --suite quick` (our SFT vs TRL's in the same run).
+- deepspeed: a tiny zero2 and zero3 launch saves, resumes and matches the uninterrupted run (gpu_check_deepspeed.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from finetune.run import gpu_check_deepspeed
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK_BEGIN, MARK_END = "<!-- gpu-check results -->", "<!-- /gpu-check results -->"
@@ -517,7 +520,8 @@ def run_checks(ctx: Ctx, only: set[str] | None = None, progress=None) -> list[Ro
     checks = {"attention": lambda: check_attention(ctx, convs), "packed": lambda: check_packed_vs_padded(ctx, convs),
               "memory": lambda: check_memory(ctx, convs), "compile": lambda: check_compile(ctx),
               "ppo": lambda: check_ppo(ctx, prompts), "pytest": lambda: check_pytest_gpu(ctx),
-              "bench": lambda: check_bench(ctx)}
+              "bench": lambda: check_bench(ctx), "deepspeed": lambda: [Row(*r) for r in gpu_check_deepspeed.check(
+                  ctx, convs, model_dir, asked="deepspeed" in (only or ()))]}
     rows: list[Row] = []
     for name, check in checks.items():
         if only and name not in only:
@@ -568,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (what `make test` runs)")
     p.add_argument("--out", default=None, help="markdown file to write the table into "
                    "(default docs/gpu-check.md; with --cpu runs/gpu-check-cpu.md)")
-    p.add_argument("--only", default=None, help="comma-separated: attention,packed,memory,compile,ppo,pytest,bench")
+    p.add_argument("--only", default=None,
+                   help="comma-separated: attention,packed,memory,compile,ppo,pytest,bench,deepspeed")
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print("no CUDA GPU here: run with --cpu for the CPU smoke mode", file=sys.stderr)

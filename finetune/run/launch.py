@@ -176,7 +176,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
         return None
     out = Path(recipe.run.output_dir)
     if recipe.run.overwrite and out.exists() and resume_from is None and is_main_process():
-        shutil.rmtree(out)
+        clear_output_dir(out)
     if resume_from is not None:
         info(f"resuming from {resume_from}")
     from accelerate.utils import set_seed
@@ -190,6 +190,26 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path | None:
         write_model_card(recipe, Path(final))
     info(f"done: {final}")
     return final
+
+
+# The files `finetune launch` wrote into output_dir for the processes it starts (accelerate's config,
+# the DeepSpeed JSON every process reads while rank 0 may be clearing the directory): run.overwrite keeps them.
+LAUNCH_FILES_ENV = "FINETUNE_LAUNCH_FILES"
+
+
+def clear_output_dir(out: Path) -> None:
+    """run.overwrite: output_dir emptied, but for the files this process's launcher wrote there."""
+    keep = {Path(p).resolve() for p in os.environ.get(LAUNCH_FILES_ENV, "").split(os.pathsep) if p}
+    if not keep:
+        shutil.rmtree(out)
+        return
+    for entry in out.iterdir():
+        if entry.resolve() in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def end_process_group() -> None:
@@ -206,26 +226,11 @@ def end_process_group() -> None:
 
 
 def deepspeed_config(recipe: Recipe) -> dict:
-    """The DeepSpeed JSON for zero2/zero3. accelerate leaves the micro batch "auto" and fills it
-    only from a DataLoader passed to prepare() (ours are not), so every batch key is explicit; the
-    engine accumulates grad_accum micro-batches and clips at the boundary (engine.py hands it both)."""
+    """The DeepSpeed JSON for zero2/zero3 (finetune/train/deepspeed_support.py says what it holds and why)."""
+    from finetune.train.deepspeed_support import config
     from finetune.train.engine import resolve_precision
 
-    precision = resolve_precision(recipe)
-    stage = int(recipe.launch.strategy[-1])
-    zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
-    if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # final/ holds the full weights
-    return {
-        "train_micro_batch_size_per_gpu": recipe.run.micro_batch_size,
-        "gradient_accumulation_steps": recipe.run.grad_accum,
-        "gradient_clipping": recipe.optim.max_grad_norm or 0.0,  # 0: no clipping
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_optimization": zero,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
+    return config(recipe, recipe.launch.num_processes * recipe.launch.nnodes, resolve_precision(recipe))
 
 
 def accelerate_config(recipe: Recipe, deepspeed_file: Path | None = None) -> dict:
@@ -255,13 +260,14 @@ def accelerate_config(recipe: Recipe, deepspeed_file: Path | None = None) -> dic
         config["deepspeed_config"] = {
             "deepspeed_config_file": str(deepspeed_file or "deepspeed_config.json"),
             "zero3_init_flag": False,
+            # Multi-node: torchrun on every node (`finetune launch` runs on each), not pdsh over ssh.
+            "deepspeed_multinode_launcher": "standard",
         }
     return config
 
 
 def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
     """Everything that can be wrong before a process starts."""
-    import importlib.util
     import socket
 
     import torch
@@ -274,21 +280,17 @@ def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
         raise RecipeError(f"launch.node_rank: {la.node_rank} must be below launch.nnodes ({la.nnodes})")
     if la.master and not re.fullmatch(r"[\w.\-:\[\]]+:\d{1,5}", la.master):
         raise RecipeError(f"launch.master: {la.master!r} is not host:port")
-    if la.strategy in ("zero2", "zero3") and (recipe.run.save_every or recipe.run.resume not in ("auto", "never")):
-        # Checkpoints hold rank 0's optimizer state, which is complete only when it is replicated
-        # (fsdp writes every rank's shard: sharding.py).
-        raise RecipeError(f"launch.strategy {la.strategy}: resumable checkpoints are written for ddp and fsdp only "
-                          "in this version (optimizer state is sharded); set run.save_every=null or use ddp")
     visible = torch.cuda.device_count()
     if gpus_requested and la.num_processes > visible:
         raise RecipeError(f"--gpus {la.num_processes}: only {visible} CUDA GPU(s) visible on this machine "
                           "(use --num-processes for CPU processes)")
-    if la.strategy in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
-        raise RecipeError(f"launch.strategy {la.strategy}: needs DeepSpeed (pip install deepspeed)")
-    if la.strategy in ("zero2", "zero3") and visible == 0:
-        # accelerate runs CPU process groups as plain multi-CPU data parallel: no sharding there.
-        raise RecipeError(f"launch.strategy {la.strategy}: needs CUDA GPUs (accelerate shards only on GPUs); "
-                          "use ddp on CPU")
+    if la.strategy in ("zero2", "zero3"):
+        from finetune.train.deepspeed_support import launch_problem
+
+        problem = launch_problem()
+        if problem:
+            raise RecipeError(f"launch.strategy {la.strategy}: {problem}")
+        # No CUDA check: DeepSpeed runs on CPU processes too, over gloo (deepspeed_support.start_kwargs).
     if la.strategy == "fsdp" and recipe.model.quantize:
         raise RecipeError("launch.strategy fsdp: a 4/8-bit (model.quantize) base is not sharded by FSDP2 here; "
                           "use ddp (each process holds the quantized base)")
@@ -342,4 +344,6 @@ def launch_processes(recipe_path: str, overrides: list[str], recipe: Recipe, gpu
     launch_overrides = [f"launch.{k}={v}" for k, v in la.model_dump().items() if v is not None]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
            "-m", "finetune", "run", recipe_path, *overrides, *launch_overrides]
-    return subprocess.call(cmd)  # an argument list, never a shell string
+    written = os.pathsep.join(str(p.resolve()) for p in (config_path, ds_path) if p is not None)
+    # An argument list, never a shell string.
+    return subprocess.call(cmd, env={**os.environ, LAUNCH_FILES_ENV: written})

@@ -5,7 +5,9 @@
     <output_dir>/checkpoints/step-N/    model/ (save_pretrained: full model or adapter), tokenizer/,
                                         optimizer.pt, scheduler.pt, rng-<rank>.pt, trainer_state.json
                                         (launch.strategy fsdp: sharded/ instead of model/ and
-                                        optimizer.pt: one DCP shard file per rank, sharding.py)
+                                        optimizer.pt: one DCP shard file per rank, sharding.py;
+                                        zero2/zero3: deepspeed/ with every rank's ZeRO shard instead
+                                        of optimizer.pt, and DeepSpeed's zero_to_fp32.py)
     <output_dir>/final/                 loadable with from_pretrained, tokenizer beside it
 
 A checkpoint is written into checkpoints/.tmp-step-N, fsynced, listed in manifest.json (sizes and
@@ -29,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.errors import RecipeError
-from finetune.train import sharding
+from finetune.train import deepspeed_support, sharding
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -97,16 +99,19 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, model, optimizer, 
         accelerator.wait_for_everyone()
         # Every rank owns its RNG stream (dropout, sampling); the rest is replicated under DDP.
         torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        engine = deepspeed_support.is_engine(accelerator)
         if sharding.is_sharded(model):
             # FSDP2: every rank writes its own shard of the weights and optimizer state.
             sharding.save_sharded(tmp / sharding.SHARDED_DIR, model, optimizer)
             if accelerator.is_main_process:
                 _write_main_files(tmp, None, None, None, scheduler, state, tokenizer)
         else:
-            state_dict = accelerator.get_state_dict(model)
+            if engine:  # every rank writes its ZeRO shard; rank 0 lists them in the manifest below
+                deepspeed_support.save_engine_state(model, tmp)
+            state_dict = accelerator.get_state_dict(model)  # ZeRO-3: gathered from every rank
             if accelerator.is_main_process:
-                _write_main_files(tmp, accelerator.unwrap_model(model), state_dict, optimizer, scheduler,
-                                  state, tokenizer)
+                _write_main_files(tmp, accelerator.unwrap_model(model), state_dict,
+                                  None if engine else optimizer, scheduler, state, tokenizer)
     except OSError as e:
         error = e
     accelerator.wait_for_everyone()
@@ -130,9 +135,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, model, optimizer, 
 
 
 def _write_main_files(tmp: Path, model, state_dict, optimizer, scheduler, state: dict, tokenizer) -> None:
-    """Rank 0's files; model and optimizer are None when the ranks wrote them sharded."""
+    """Rank 0's files; model is None when the ranks wrote it sharded (FSDP), optimizer None when
+    they wrote its state themselves (FSDP, DeepSpeed)."""
     if model is not None:
         model.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
+    if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if tokenizer is not None:  # a tokenizer trained by this run must come back identical
@@ -182,13 +189,18 @@ def remove_partial_checkpoints(output_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json (step, data position, number of processes)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
     """Restores weights, optimizer, scheduler and this rank's RNG; returns the trainer state.
 
     Refuses, before reading any weight, a checkpoint written by another number of processes (the
     data position counts micro-batches per rank: another count would re-read or skip data) or
-    under another strategy (FSDP's sharded/ vs everyone else's full model/)."""
-    state = json.loads((path / STATE_FILE).read_text())
+    under another strategy (FSDP's sharded/, DeepSpeed's deepspeed/, everyone else's full model/)."""
+    state = read_state(path)
     saved = state.get("num_processes", accelerator.num_processes)
     if saved != accelerator.num_processes:
         raise RecipeError(f"run.resume: {path} was written by {saved} process(es); resume it with "
@@ -200,6 +212,11 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
                           "written with (not fsdp), or start a new run from it"))
     if written_sharded:
         sharding.load_sharded(path / sharding.SHARDED_DIR, model, optimizer)
+    elif deepspeed_support.is_engine(accelerator):
+        deepspeed_support.load_engine_state(model, path)  # weights and this rank's optimizer shard
+    elif not (path / "optimizer.pt").is_file() and (path / deepspeed_support.ENGINE_TAG).is_dir():
+        raise RecipeError(f"run.resume: {path} was written under zero2/zero3 (its optimizer state is DeepSpeed's, "
+                          f"in {deepspeed_support.ENGINE_TAG}/); resume it with the strategy it was written with")
     else:
         load_weights(accelerator.unwrap_model(model), path / "model")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))

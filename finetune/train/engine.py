@@ -30,7 +30,7 @@ from finetune.console import info
 from finetune.errors import DataError
 from finetune.models.precision import mixed_precision
 from finetune.recipe.schema import Recipe, write_recipe
-from finetune.train import checkpoint, sharding
+from finetune.train import checkpoint, deepspeed_support, sharding
 from finetune.train.collate import Batch
 from finetune.train.guards import NumericGuard, Preempted, StopSignal, TrainingStopped, oom_message
 from finetune.train.losses import count_trained_tokens, token_ce_sum
@@ -153,11 +153,12 @@ def start_process():
     accelerate sets the device lands on GPU 0, once per rank. cpu=True where there is no CUDA, as
     in train(): else accelerate ignores a torchrun/accelerate process group of CPU processes and
     each process, its own rank 0, samples every prompt and writes every file (PartialState is a
-    singleton: the first construction decides for the whole process).
+    singleton: the first construction decides for the whole process). Under DeepSpeed without CUDA,
+    cpu=False with gloo (deepspeed_support.start_kwargs).
     """
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(**deepspeed_support.start_kwargs())
 
 
 def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: Path | None = None) -> Path:
@@ -167,11 +168,14 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
 
     out = Path(recipe.run.output_dir)
     run = recipe.run
+    if accelerator is None:
+        start_process()  # the process group first (DeepSpeed on the CPU needs its backend named)
     with sharding.accelerate_without_fsdp():
         accelerator = accelerator or Accelerator(
             # cpu=True on a machine without CUDA: otherwise accelerate ignores a torchrun/accelerate
-            # process group there and every process trains alone (gloo is the CPU backend).
-            cpu=not torch.cuda.is_available(),
+            # process group there and every process trains alone (gloo is the CPU backend); False
+            # under DeepSpeed, which accelerate turns off under cpu=True.
+            **deepspeed_support.accelerator_kwargs(recipe),
             mixed_precision=resolve_precision(recipe), log_with=run.report_to or None,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         )
@@ -180,7 +184,7 @@ def train(recipe: Recipe, task: SupervisedTask, accelerator=None, resume_from: P
     fsdp = sharding.fsdp_requested(recipe) and accelerator.num_processes > 1
     kind = "fsdp" if fsdp else accelerator.distributed_type.value.lower()
     info(f"device     {accelerator.num_processes} x {accelerator.device.type} "
-         f"({kind}, precision {accelerator.mixed_precision})", accelerator)
+         f"({kind}, precision {deepspeed_support.precision_label(accelerator)})", accelerator)
     stream = MicroBatchStream(len(task.train_units), run.micro_batch_size, accelerator.num_processes,
                               accelerator.process_index, run.seed, recipe.data.shuffle)
     if stream.per_epoch == 0:
@@ -341,8 +345,17 @@ def accumulate_gradients(accelerator, model, task: SupervisedTask, micro: list[B
         raise DataError(f"step {step}: no trained tokens in the whole optimizer step")
     deepspeed = engine_steps_in_backward(accelerator)
     # Under DeepSpeed the engine accumulates, clips and steps inside the backward of the step's
-    # last micro-batch (accelerate reads sync_gradients as that boundary); the loss here is the
-    # step's token mean already, so the engine must not divide it by gradient_accumulation_steps.
+    # last micro-batch (accelerate reads sync_gradients as that boundary). The scaling, term by term:
+    # accelerator.backward divides by its gradient_accumulation_steps for every other backend (1
+    # there: nothing), but under DeepSpeed hands the loss unchanged to DeepSpeedEngine.backward,
+    # which divides it by the JSON's gradient_accumulation_steps (= run.grad_accum) unless
+    # scale_wrt_gas=False; DeepSpeed 0.19's output-gradient hooks divide again only for a plain
+    # loss.backward(), not inside engine.backward. ZeRO's gradient reduce(-scatter) then averages
+    # over the data-parallel ranks, as DDP's all-reduce does. Our loss_sum x num_processes /
+    # step_tokens is already the step's token mean once averaged over ranks and summed over
+    # micro-batches, so scale_wrt_gas=False: dividing by grad_accum as well would shrink every
+    # gradient grad_accum-fold (tests/test_deepspeed.py compares the engine's gradient norm and the
+    # weights with one plain process; with scale_wrt_gas=True the norm came out halved at grad_accum 2).
     kwargs = {"scale_wrt_gas": False} if deepspeed else {}
     try:
         for i, batch in enumerate(micro):
@@ -381,7 +394,7 @@ def mean_stats(accelerator, total: dict, count: int, prefix: str = "") -> dict:
 def engine_steps_in_backward(accelerator) -> bool:
     """DeepSpeed: the optimizer step, clipping and zero_grad happen in accelerator.backward (the
     optimizer's step/zero_grad are no-ops there; DeepSpeed skips a non-finite step itself)."""
-    return getattr(accelerator.distributed_type, "value", "") == "DEEPSPEED"
+    return deepspeed_support.is_engine(accelerator)
 
 
 def _next_batch(task: SupervisedTask, stream: MicroBatchStream, state: dict, device) -> Batch:
