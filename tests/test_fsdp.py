@@ -123,8 +123,10 @@ def test_sigterm_on_one_rank_then_restart_equals_the_uninterrupted_run(runs):
            "--master_port", str(free_port()), "-m", "tests.fsdp_worker", "2",
            "run", str(path), "launch.strategy=fsdp", "launch.num_processes=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=tmp)
-    # both ranks stopped at the same step boundary with the preemption exit code (torchrun then exits 1)
-    assert proc.stderr.count(f"exitcode  : {PREEMPTED_EXIT}") == 2, proc.stderr[-3000:]
+    # Both ranks stopped at the same step boundary (each says so below) with the preemption exit
+    # code. torchrun's summary lists the children it saw fail before it tore the group down: both
+    # on an idle machine, only the first on a loaded one, so at least one is required.
+    assert proc.stderr.count(f"exitcode  : {PREEMPTED_EXIT}") >= 1, proc.stderr[-3000:]
     assert "preempted by SIGTERM after step 2" in proc.stderr
     assert "preempted by a signal to another process after step 2" in proc.stderr
     out = tmp / "preempted"
