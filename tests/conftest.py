@@ -19,23 +19,29 @@ os.environ["FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="finetune-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# torch's own thread count, before the xdist workers lower it: the quickstart story's numbers were
-# measured with it (its results depend on the reduction order), so the story runs with it.
-DEFAULT_THREADS = None
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per xdist worker (and per process a test starts): two workers on two cores
-    # otherwise oversubscribe them, and tiny models gain nothing from intra-op threads.
+    # otherwise oversubscribe them, and tiny models gain nothing from intra-op threads. The
+    # quickstart story runs so too (its numbers measured the same at 1 and 2 threads, 2026-11-30).
     import torch
 
-    DEFAULT_THREADS = torch.get_num_threads()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
 
+# Files in the order make test's two workers should take them: the story first, then the longest
+# (ranked by --durations, 2026-11-30), so the short files fill the end and both workers finish together.
+LONGEST_FIRST = ("test_quickstart", "test_ppo.py", "test_grpo", "test_families", "test_launch.py", "test_fsdp.py",
+                 "test_reliability", "test_gpu_check", "test_launch_trainers", "test_fsdp_adapter", "test_memory",
+                 "test_scaleout", "test_merge", "test_rs_sft", "test_dpo", "test_distill", "test_data_scale")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The quickstart story first: with `-n 2 --dist loadfile` it then runs beside everything else
-    instead of starting last and leaving the other worker idle."""
-    items.sort(key=lambda item: 0 if "test_quickstart" in item.nodeid else 1)
+    """With `-n 2 --dist loadfile` each worker takes the next file in this order when it is free."""
+    def rank(item) -> int:
+        return next((i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, collection order stays
 
 
 @pytest.fixture
