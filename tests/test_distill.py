@@ -259,3 +259,41 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(task, tmp_path,
     data["trainer"]["distill"] = {}
     assert main(["validate", str(write(tmp_path / "r.yaml", yaml.safe_dump(data)))]) == 2
     assert "trainer.distill.teacher: distill needs a teacher" in capsys.readouterr().err
+
+
+def test_sft_weight_adds_the_nll_on_data_batches_only(task):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.recipe.schema import DistillCfg
+    from finetune.train.collate import collate_flat
+    from finetune.trainers import distill as trainer
+    from finetune.trainers.sft import prepare
+
+    tmp, base, teacher_dir = task
+    prepared = prepare(recipe_from_dict(tiny_recipe(tmp, base, "x", {"type": "sft"}, 1)))
+    flat = collate_flat(prepared.train_units[:4])
+    student, teacher = AutoModelForCausalLM.from_pretrained(base), AutoModelForCausalLM.from_pretrained(teacher_dir)
+    loss = trainer.DistillLoss(DistillCfg(sft_weight=0.5, on_policy_fraction=0.5), teacher.eval())
+    for on_policy in (False, True):
+        batch = trainer.DistillBatch(**{k: getattr(flat, k) for k in flat.__dataclass_fields__}, on_policy=on_policy)
+        value, stats = loss(student, batch)
+        nll = 0.0 if on_policy else 0.5 * stats["nll"].item()
+        assert value.item() == pytest.approx(stats["divergence"].item() + nll, rel=1e-6)
+        assert stats["on_policy"].item() == (batch.num_trained_tokens if on_policy else 0)
+
+
+def test_the_teacher_can_be_an_earlier_pipeline_stage_and_finetune_data_audits_distill(task, tmp_path):
+    from finetune.cli.main import main
+    from finetune.run.pipeline import load_pipeline
+
+    tmp, base, teacher = task
+    student = tiny_recipe(tmp, base, "s", {"type": "distill", "distill": {"teacher": str(teacher)}}, 1)
+    write(tmp_path / "distill.yaml", yaml.safe_dump(student))
+    write(tmp_path / "sft.yaml", yaml.safe_dump(tiny_recipe(tmp, base, "t", {"type": "sft"}, 1)))
+    pipe = {"pipeline": {"output_dir": str(tmp_path / "story")},
+            "stages": [{"name": "big", "recipe": "sft.yaml"},
+                       {"name": "small", "recipe": "distill.yaml",
+                        "overrides": {"trainer.distill.teacher": "stage:big"}}]}
+    _, stages = load_pipeline(write(tmp_path / "pipe.yaml", yaml.safe_dump(pipe)))
+    assert stages[1][1].trainer.distill.teacher == str(tmp_path / "story/big/final")
+    assert main(["data", str(tmp_path / "distill.yaml")]) == 0
