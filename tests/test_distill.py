@@ -256,6 +256,9 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(task, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "trainer.distill.teacher" in err, err
     assert not (tmp / "refused").exists()  # nothing written
+    data["trainer"]["distill"] = {"teacher": str(write(tmp_path / "lora/adapter_config.json", "{}").parent)}
+    with pytest.raises(RecipeError, match=r"^trainer\.distill\.teacher: .* is a LoRA adapter; merge it"):
+        run_recipe(recipe_from_dict(data))
     data["trainer"]["distill"] = {}
     assert main(["validate", str(write(tmp_path / "r.yaml", yaml.safe_dump(data)))]) == 2
     assert "trainer.distill.teacher: distill needs a teacher" in capsys.readouterr().err

@@ -9,6 +9,8 @@ a teacher output head covering it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from finetune.errors import RecipeError, UserError
@@ -47,6 +49,9 @@ def check_teacher(recipe: Recipe, tokenizer) -> str:
     name = recipe.trainer.distill.teacher
     if name is None:
         raise RecipeError(f"{KEY}: distill needs a teacher (a model dir or Hub id sharing the student's tokenizer)")
+    if (Path(name) / "adapter_config.json").is_file():
+        raise RecipeError(f"{KEY}: {name!r} is a LoRA adapter; merge it into its base first (finetune merge "
+                          f"{name} OUT_DIR, or a pipeline `merge:` stage) and distil from the merged model")
     try:
         theirs = AutoTokenizer.from_pretrained(name, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as e:
