@@ -151,7 +151,8 @@ def prepare(recipe: Recipe, resume_from: Path | None = None) -> sft.Prepared:
 def plan(recipe: Recipe, prepared: sft.Prepared | None = None, model_info=None) -> Plan:
     result = sft.plan(recipe, prepared or prepare(recipe), model_info)
     result.trainer = "distill"
-    result.notes.insert(0, describe(recipe.trainer.distill))
+    result.notes[:0] = [describe(recipe.trainer.distill),
+                        "memory above is the student's: the teacher's weights and logits come on top"]
     return result
 
 
