@@ -300,3 +300,14 @@ def test_the_teacher_can_be_an_earlier_pipeline_stage_and_finetune_data_audits_d
     _, stages = load_pipeline(write(tmp_path / "pipe.yaml", yaml.safe_dump(pipe)))
     assert stages[1][1].trainer.distill.teacher == str(tmp_path / "story/big/final")
     assert main(["data", str(tmp_path / "distill.yaml")]) == 0
+
+
+def test_on_policy_needs_a_strategy_where_every_rank_holds_the_whole_student(tmp_path):
+    from finetune.run.launch import check_strategy
+
+    data = tiny_recipe(tmp_path, tmp_path, "x", {"type": "distill", "distill": {"teacher": "t"}}, 1)
+    data["launch"] = {"strategy": "fsdp"}
+    check_strategy(recipe_from_dict(data))  # off-policy: any strategy
+    data["trainer"]["distill"]["on_policy_fraction"] = 0.5
+    with pytest.raises(RecipeError, match="launch.strategy: distill runs under ddp or zero2"):
+        check_strategy(recipe_from_dict(data))
