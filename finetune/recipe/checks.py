@@ -35,6 +35,12 @@ def check_recipe(recipe: Recipe) -> list[str]:
         check_model_ref(recipe.model.name, "model.name")
     if recipe.tokenizer.name is not None:
         check_model_ref(recipe.tokenizer.name, "tokenizer.name")
+    if recipe.trainer.type == "distill":
+        teacher = recipe.trainer.distill.teacher
+        if teacher is None:
+            raise RecipeError("trainer.distill.teacher: distill needs a teacher (a model dir or Hub id sharing the "
+                              "student's tokenizer)")
+        check_model_ref(teacher, "trainer.distill.teacher")
     if isinstance(recipe.model.init_config, str):
         cfg = Path(recipe.model.init_config)
         if not cfg.exists():

@@ -85,6 +85,8 @@ PEER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "use_dora": ("adapter.use_dora", _same),
     "use_rslora": ("adapter.use_rslora", _same),
     "chat_template_path": ("tokenizer.chat_template", _same),
+    "lmbda": ("trainer.distill.on_policy_fraction", _same),  # TRL's GKDConfig
+    "teacher_model_name_or_path": ("trainer.distill.teacher", _same),
     # Axolotl
     "base_model": ("model.name", _same),
     "tokenizer_config": ("tokenizer.name", _same),

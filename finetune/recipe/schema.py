@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from finetune.errors import RecipeError
 from finetune.recipe.peers import peer_kind, suggestion
 
-TRAINER_TYPES = ("pretrain", "sft", "reward", "rs_sft", "ppo", "dpo")
+TRAINER_TYPES = ("pretrain", "sft", "reward", "rs_sft", "ppo", "dpo", "distill")
 # accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS) -> the module each needs installed.
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
             "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
@@ -263,6 +263,18 @@ class DPOCfg(Section):
         return self
 
 
+class DistillCfg(Section):
+    """distill: a teacher's next-token distributions on the student's trained tokens (finetune.trainers.distill)."""
+
+    teacher: str | None = None  # model dir or Hub id sharing the student's tokenizer (required by distill)
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1)   # jsd: teacher weight in the mixture; 0 = forward_kl, 1 = reverse_kl
+    temperature: float = Field(1.0, gt=0)  # both distributions at logits / temperature
+    top_k: int | None = Field(None, gt=0)  # the teacher's k likeliest tokens + one bucket for the rest
+    sft_weight: float = Field(0.0, ge=0)   # + weight x NLL of the data's tokens (off-policy batches)
+    on_policy_fraction: float = Field(0.0, ge=0, le=1)  # GKD's lambda: batches replied by the student's samples
+
+
 class TrainerCfg(Section):
     type: Literal[TRAINER_TYPES]  # type: ignore[valid-type]
     train_on: Literal["assistant", "last_assistant", "completion", "all"] = "assistant"
@@ -275,6 +287,7 @@ class TrainerCfg(Section):
     rejection: RejectionCfg = Field(default_factory=RejectionCfg)
     ppo: PPOCfg = Field(default_factory=PPOCfg)
     dpo: DPOCfg = Field(default_factory=DPOCfg)
+    distill: DistillCfg = Field(default_factory=DistillCfg)
 
 
 class OptimCfg(Section):

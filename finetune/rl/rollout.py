@@ -157,12 +157,31 @@ def _generate(model, prompt_ids: list[list[int]], kwargs: dict, temperature: flo
     return list(zip(new.cpu().tolist(), logprobs, strict=True))
 
 
+@torch.no_grad()
+def sample_from_ids(model, prompt_ids: list[list[int]], cfg: SamplingCfg, stops: list[int],
+                    pad_id: int) -> list[tuple[list[int], bool]]:
+    """One sampled completion per already tokenized prompt (generation prompt included), in
+    `cfg.batch_size` batches, in eval mode: (ids up to and including the first stop token, stopped)."""
+    kwargs = generation_kwargs(cfg, False, stops, pad_id)
+    was_training = model.training
+    model.eval()
+    try:
+        rows = [row for start in range(0, len(prompt_ids), cfg.batch_size)
+                for row in _generate(model, prompt_ids[start:start + cfg.batch_size], kwargs, cfg.temperature, pad_id)]
+    finally:
+        model.train(was_training)
+    return [cut_at_stop(ids, stops) for ids, _ in rows]
+
+
+def cut_at_stop(ids: list[int], stops: list[int]) -> tuple[list[int], bool]:
+    """Rows that finished early are padded by generate: cut after the first stop token."""
+    cut = next((k for k, t in enumerate(ids) if t in stops), None)
+    return (ids[:cut + 1], True) if cut is not None else (ids, False)
+
+
 def _make_rollout(tokenizer, i: int, j: int, prompt: list[dict], prompt_ids: list[int], ids: list[int],
                   logprobs: torch.Tensor, stops: list[int]) -> Rollout:
-    # Rows that finished early are padded by generate: cut after the first stop token.
-    cut = next((k for k, t in enumerate(ids) if t in stops), None)
-    stopped = cut is not None
-    kept = ids[:cut + 1] if stopped else ids
+    kept, stopped = cut_at_stop(ids, stops)
     text = tokenizer.decode(kept[:-1] if stopped else kept, skip_special_tokens=True)
     return Rollout(i, j, prompt, prompt_ids, kept, text, logprobs[:len(kept)].clone(), stopped)
 

@@ -63,7 +63,7 @@ def _print_summary(recipe: Recipe, prepared, samples: list[dict]) -> None:
                   f"{100 * trained / max(tokens, 1):.1f}% trained", soft_wrap=True)
     for note in getattr(prepared, "notes", []):
         console.print(f"  {note}", soft_wrap=True)
-    if recipe.trainer.type == "sft":
+    if recipe.trainer.type in ("sft", "distill"):
         stops = [prepared.tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(prepared.tokenizer)]
         console.print(f"  stop tokens (a trained turn must end on one): {', '.join(stops)}", soft_wrap=True,
                       markup=False)
@@ -90,7 +90,7 @@ def render(tokenizer, sample: dict, brackets: bool | None = None) -> Text:
 
 
 def _check(recipe: Recipe, prepared, samples: list[dict]) -> None:
-    if recipe.trainer.type != "sft":
+    if recipe.trainer.type not in ("sft", "distill"):  # distill trains SFT's data and masks
         return
     stats = prepared.train_stats
     if stats.no_trained:

@@ -150,6 +150,8 @@ def active_strategy(recipe: Recipe) -> str:
 def check_strategy(recipe: Recipe) -> None:
     """Refuses a trainer + strategy pair that would hang or fail after the weights are loaded."""
     strategy, allowed = active_strategy(recipe), STRATEGIES.get(recipe.trainer.type)
+    if recipe.trainer.type == "distill" and recipe.trainer.distill.on_policy_fraction > 0:
+        allowed = STRATEGIES["rs_sft"]  # the student samples on every rank, as rs_sft does
     if allowed and strategy not in allowed:
         raise RecipeError(f"launch.strategy: {recipe.trainer.type} runs under {' or '.join(allowed)}; {strategy} "
                           "shards the weights that every process samples from, which this trainer does not gather")

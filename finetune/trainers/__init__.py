@@ -46,6 +46,12 @@ def _dpo() -> ModuleType:
     return dpo
 
 
+def _distill() -> ModuleType:
+    from finetune.trainers import distill
+
+    return distill
+
+
 REGISTRY = {
     "pretrain": _pretrain,
     "sft": _sft,
@@ -53,6 +59,7 @@ REGISTRY = {
     "rs_sft": _rs_sft,
     "ppo": _ppo,
     "dpo": _dpo,
+    "distill": _distill,
 }
 
 
