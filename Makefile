@@ -27,12 +27,13 @@ quickstart: install
 
 # Two xdist workers (one torch thread each) on CI's 2 cores, a test file per work unit: the
 # quickstart story's module fixture then runs once, on one worker, and it starts first so the
-# rest fills the other worker around it. Files go out in conftest's LONGEST_FIRST order;
-# --no-loadscope-reorder keeps xdist from re-sorting them by their number of tests (which started
-# the story 6.5 minutes late). (Not loadgroup: xdist 3.8's group suffix is lost under pytest 9,
-# so a group's module fixture ran on both workers.)
+# rest fills the other worker around it. (Not loadgroup: xdist 3.8's group suffix is lost under
+# pytest 9, so a group's module fixture ran on both workers.) xdist re-sorts files by their number
+# of tests, which starts the story minutes late; --no-loadscope-reorder fixes that but, measured
+# 2026-11-30, exposed an order dependence (test_fsdp's module fixture errored after the PPO, GRPO,
+# families and launch files ran in the same worker): not used until that is found.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not gpu"
