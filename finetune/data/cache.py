@@ -20,6 +20,7 @@ memory stays flat however many rows stream through.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -33,13 +34,28 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from finetune.data.sources import cache_dir
+from finetune.data.reasoning import training_twin
 from finetune.data.stream import fingerprint
 from finetune.errors import DataError
 
 # The modules whose code decides what a cached entry holds: any change to them is a new key.
 _CODE = ("cache.py", "formats.py", "reasoning.py", "sft_data.py", "sources.py", "stream.py", "text_data.py",
          "tokenizer.py")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / "tokenized"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the ids or the template would change."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(str(tokenizer.chat_template).encode())
+    twin = training_twin(tokenizer.chat_template)  # renders the data instead: a trl upgrade may change it
+    h.update(str(twin).encode())
+    h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    return h.hexdigest()
 
 
 def default_num_proc() -> int:

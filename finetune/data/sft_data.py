@@ -25,8 +25,7 @@ import numpy as np
 
 from finetune.data import cache
 from finetune.data.formats import Conversation, to_conversation
-from finetune.data.sources import BadRows, EncodeStats, tokenizer_fingerprint
-from finetune.data.stops import stop_problems
+from finetune.data.sources import BadRows, EncodeStats
 from finetune.data.stream import identity, iter_chunks, keep_only, rows, selected, settle_format
 from finetune.data.tokenizer import encode_chat_turns, stop_token_ids
 from finetune.errors import DataError, TemplateError
@@ -49,7 +48,7 @@ class Settings:
     train_on: str
     max_length: int
     overflow: str
-    stops: tuple[int, ...] | None  # None: the stop check is left to check_learns_to_stop
+    stops: frozenset[int] | None  # None: the stop check is left to check_learns_to_stop
 
 
 def encode_chunk(chunk, ctx) -> object:
@@ -86,7 +85,9 @@ def _add_sample(out: dict, enc: dict | None, s: Settings) -> None:
         return
     out["truncated"] += bool(enc.get("truncated"))
     ids, labels = enc["input_ids"], enc["labels"]
-    trained = sum(label != -100 for label in labels[1:])
+    mask = np.asarray(labels) != -100
+    mask[:1] = False  # the first token is never a target (stops.labels_mask)
+    trained = int(mask.sum())
     if trained == 0:
         out["no_trained"] += 1
         return
@@ -94,9 +95,17 @@ def _add_sample(out: dict, enc: dict | None, s: Settings) -> None:
     out["trained"] += trained
     out["input_ids"].append(ids)
     out["labels"].append(labels)
-    bad = stop_problems(enc, set(s.stops)) if s.stops is not None else []
-    # check_learns_to_stop's rule: a truncated sample may end mid-answer.
-    out["stop_bad"].append(bad[0] if bad and not (bad == [len(ids) - 1] and len(ids) >= s.max_length) else -1)
+    out["stop_bad"].append(-1 if s.stops is None else _stop_problem(np.asarray(ids), mask, s))
+
+
+def _stop_problem(ids: np.ndarray, mask: np.ndarray, s: Settings) -> int:
+    """stops.stop_problems + check_learns_to_stop's rule (a truncated sample may end mid-answer):
+    the first token that ends a trained run and is no stop token, or -1."""
+    ends = np.flatnonzero(mask & ~np.append(mask[1:], False)).tolist()
+    bad = [i for i in ends if int(ids[i]) not in s.stops]
+    if not bad or (bad == [len(ids) - 1] and len(ids) >= s.max_length):
+        return -1
+    return bad[0]
 
 
 class _Nested:
@@ -179,8 +188,9 @@ def tokenize_source(tokenizer, src: DataSource, key: str, seed: int, settings: S
 
     wanted = selected(src, key, seed)
     fields = {"source": identity(src, key), "seed": seed if wanted is not None else None,
-              "tokenizer": [type(tokenizer).__name__, tokenizer_fingerprint(tokenizer)], "version": __version__,
-              "settings": [settings.train_on, settings.max_length, settings.overflow, settings.stops],
+              "tokenizer": cache.tokenizer_fingerprint(tokenizer), "version": __version__,
+              "settings": [settings.train_on, settings.max_length, settings.overflow,
+                           None if settings.stops is None else sorted(settings.stops)],
               "code": cache.code_fingerprint()}
 
     def build(path) -> dict:
@@ -335,7 +345,7 @@ def load_chats(recipe, tokenizer, bad: BadRows) -> ChatData:
     stops = None
     if recipe.trainer.train_on != "all":
         try:
-            stops = tuple(stop_token_ids(tokenizer))
+            stops = frozenset(stop_token_ids(tokenizer))
         except (DataError, TemplateError):
             stops = None  # check_learns_to_stop raises it where the check runs
     settings = Settings(recipe.trainer.train_on, t.max_length, t.overflow, stops)

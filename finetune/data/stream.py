@@ -36,6 +36,7 @@ from finetune.errors import DataError
 from finetune.recipe.schema import DataSource
 
 ROWS_PER_CHUNK = 256
+TXT_BLOCK = 1 << 20  # bytes of a .txt file decoded at a time
 _PEEK_ROWS = 5
 
 
@@ -76,8 +77,9 @@ def rows(chunk: Chunk) -> list[Row]:
     return out
 
 
-def iter_chunks(src: DataSource, key: str, per_chunk: int = ROWS_PER_CHUNK) -> Iterator[Chunk]:
+def iter_chunks(src: DataSource, key: str, per_chunk: int | None = None) -> Iterator[Chunk]:
     """Every row of the source, in order, in chunks (the first max_samples rows of a stream)."""
+    per_chunk = per_chunk or ROWS_PER_CHUNK
     files = source_files(src, key)
     start = 0
     parts = _hub_parts(src, key, per_chunk) if files is None else (
@@ -217,7 +219,7 @@ def _txt_rows(path: Path, src: DataSource, key: str) -> Iterator[Row]:
     line, carry = 1, ""
     with _open(path) as f:
         while True:
-            block = f.read(1 << 20)
+            block = f.read(TXT_BLOCK)
             try:
                 carry += decoder.decode(block, final=not block)
             except UnicodeDecodeError:

@@ -18,7 +18,7 @@ import numpy as np
 
 from finetune.data import cache
 from finetune.data.sft_data import Mixed
-from finetune.data.sources import column, tokenizer_fingerprint
+from finetune.data.sources import column
 from finetune.data.stream import identity, iter_chunks, keep_only, rows, selected, settle_format
 from finetune.data.tokenizer import encode_text
 from finetune.errors import DataError
@@ -85,7 +85,7 @@ def load_texts(sources: list[DataSource], key: str, tokenizer, seed: int, num_pr
             raise DataError(f"{key}.{i}.format: this trainer reads format 'text', got {src.format!r}")
         wanted = selected(src, where, seed)
         fields = {"source": identity(src, where), "seed": seed if wanted is not None else None,
-                  "tokenizer": [type(tokenizer).__name__, tokenizer_fingerprint(tokenizer)],
+                  "tokenizer": cache.tokenizer_fingerprint(tokenizer),
                   "version": __version__, "code": cache.code_fingerprint()}
 
         def build(path, src=src, where=where, wanted=wanted) -> dict:
