@@ -138,12 +138,10 @@ class Table:
         self.kept = pc.list_value_length(t.column("input_ids")).to_numpy().astype(np.int64)
         self.first = np.concatenate([[0], np.cumsum(self.kept)])  # each row's first sample
         self.counts = {c: t.column(c).to_numpy().astype(np.int64) for c in _COUNTS}
-        self.errors: dict[int, tuple[str, str, str]] = {}
-        if t.column("error").null_count < len(t):
-            for i, (e, kind, stage) in enumerate(zip(*(t.column(c).to_pylist() for c in
-                                                       ("error", "error_kind", "error_stage")), strict=True)):
-                if e is not None:
-                    self.errors[i] = (stage, kind, e)
+        bad = pc.indices_nonzero(pc.is_valid(t.column("error"))).to_numpy()  # rows with an error only
+        picked = t.select(["error_stage", "error_kind", "error"]).take(bad).to_pylist()
+        self.errors = {int(r): (e["error_stage"], e["error_kind"], e["error"])
+                       for r, e in zip(bad, picked, strict=True)}
         self.ids, self.labels = _Nested(t.column("input_ids")), _Nested(t.column("labels"))
         stop_bad = [c.flatten().to_numpy() for c in t.column("stop_bad").chunks]
         self.stop_bad = np.concatenate(stop_bad or [np.zeros(0, np.int32)])

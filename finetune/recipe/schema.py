@@ -107,7 +107,7 @@ class DataCfg(Section):
     padding_free: bool = True
     cache: bool = True  # tokenized samples cached under $FINETUNE_CACHE (~/.cache/finetune)
     num_proc: int | None = Field(None, ge=1)  # tokenizing processes (None: min(8, CPUs))
-    packing_buffer: int = Field(1_000_000, ge=1)  # samples bin-packed together (bounds the packer)
+    packing_buffer: int = Field(100_000, ge=1)  # samples bin-packed together (bounds the packer)
     on_bad_row: Literal["error", "skip"] = "error"
     max_bad_rows: int = Field(100, ge=0)
     shuffle: bool = True

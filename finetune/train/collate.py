@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -196,14 +197,14 @@ class PackedRows(Sequence):
     """Packed rows (lists of samples) over a sequence of samples: the bins kept as two flat arrays."""
 
     def __init__(self, samples: Sequence, bins: Iterable[list[int]]) -> None:
-        order: list[np.ndarray] = []
-        sizes: list[int] = []
+        order, sizes = array("q"), array("q")  # 8 bytes an entry, not a Python int each
         for b in bins:
-            order.append(np.asarray(b, dtype=np.int64))
+            order.extend(b)
             sizes.append(len(b))
         self.samples = samples
-        self.order = np.concatenate(order) if order else np.zeros(0, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.order = np.array(order, dtype=np.int64)
+        self.offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(np.array(sizes, dtype=np.int64), out=self.offsets[1:])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
