@@ -16,7 +16,8 @@ Conversations/s count the input conversations over the wall time of the whole pr
 memory is sampled every 0.2 s: the process's RSS and the whole process tree's PSS (forked workers
 share pages with their parent; PSS counts each page once). Before the runs, the first 200
 conversations are prepared by both and their input_ids/labels compared (the masks are the same
-rule: equal, or the difference is printed). One JSON line per run, then a Markdown table.
+rule: equal, or the difference is printed). One JSON line per run (with the machine's 1-minute
+load average at its start and end: other processes share the CPUs), then a Markdown table.
 
     python -m finetune.data.bench_tokenize --n 200000 --workdir runs/bench-data    # make bench-data
 """
@@ -249,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     data, tok_dir = make_data(a.workdir, a.n)
     if a.one:
         system, num_proc = a.one.split(":")
+        load = os.getloadavg()[0]
         result = run_ours(data, tok_dir, int(num_proc)) if system == "finetune" else \
             run_trl(data, tok_dir, int(num_proc) if int(num_proc) > 1 else None)
-        print(json.dumps(result))
+        print(json.dumps(result | {"loadavg_start": load, "loadavg_end": os.getloadavg()[0]}))
         return 0
     print(compare(data, tok_dir), flush=True)
     results = []
