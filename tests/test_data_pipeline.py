@@ -194,7 +194,9 @@ def count_calls(monkeypatch, module, name: str) -> list:
 def test_pretraining_blocks_equal_todays_and_a_second_start_tokenizes_nothing(tok_dir, texts, monkeypatch):
     recipe = recipe_from_dict(pretrain_recipe(tok_dir, texts, eval_fraction=0.2))
     calls = count_calls(monkeypatch, text_data, "encode_text")
+    counted = count_calls(monkeypatch, text_data, "selected")  # counts a source's rows for max_samples
     p = pretrain.prepare(recipe)
+    assert len(counted) == 2
     docs = read_texts(recipe.data.train, "data.train", recipe.run.seed)
     assert len(calls) == len(docs) < 30 + 25  # every non-blank document once (some sampled rows are blank)
     train, held = split_holdout(docs, 0.2, recipe.run.seed)
@@ -203,7 +205,7 @@ def test_pretraining_blocks_equal_todays_and_a_second_start_tokenizes_nothing(to
     assert list(p.eval_blocks) == pretrain.make_blocks(p.tokenizer, [t for t, _ in held], 48)[0]
     calls.clear()
     again = pretrain.prepare(recipe)
-    assert calls == [] and list(again.train_blocks) == blocks
+    assert calls == [] and len(counted) == 2 and list(again.train_blocks) == blocks  # the source is not read
     short = pretrain.prepare(recipe_from_dict(pretrain_recipe(tok_dir, texts) | {"tokenizer": {
         "name": str(tok_dir), "max_length": 100_000}}))  # shorter than one block: one block, no tokenizer call
     assert calls == [] and [b["input_ids"] for b in short.train_blocks] == [

@@ -25,6 +25,7 @@ load average at its start and end: other processes share the CPUs), then a Markd
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -62,10 +63,10 @@ def make_data(workdir: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     data, tok_dir = workdir / f"conversations-{n}-{seed}.jsonl", workdir / f"tokenizer-{seed}"
     rng = random.Random(seed)
     words = _words(rng, 20_000)
-    weights = [1 / (r + 1) ** 1.1 for r in range(len(words))]
+    cum = list(itertools.accumulate(1 / (r + 1) ** 1.1 for r in range(len(words))))  # Zipf(1.1)
     sentences = []
     for _ in range(50_000):
-        picked = rng.choices(words, weights, k=rng.randint(4, 22))
+        picked = rng.choices(words, cum_weights=cum, k=rng.randint(4, 22))
         sentences.append(" ".join(picked).capitalize() + rng.choice(".....?!"))
 
     def text(k: int) -> str:

@@ -184,8 +184,9 @@ def tokenize_source(tokenizer, src: DataSource, key: str, seed: int, settings: S
     """One source tokenized (or its cached tokens mapped); `src` with its format settled."""
     from finetune import __version__
 
-    wanted = selected(src, key, seed)
-    fields = {"source": identity(src, key), "seed": seed if wanted is not None else None,
+    # The seed samples max_samples rows: the sample itself is drawn when building (it counts the
+    # rows) and kept in meta.json, so a hit reads nothing of the source.
+    fields = {"source": identity(src, key), "seed": seed if src.max_samples else None,
               "tokenizer": cache.tokenizer_fingerprint(tokenizer), "version": __version__,
               "settings": [settings.train_on, settings.max_length, settings.overflow,
                            None if settings.stops is None else sorted(settings.stops)],
@@ -193,6 +194,7 @@ def tokenize_source(tokenizer, src: DataSource, key: str, seed: int, settings: S
 
     def build(path) -> dict:
         progress = cache.Progress(key)
+        wanted = selected(src, key, seed)
         chunks = keep_only(iter_chunks(src, key), wanted)
         batches = cache.map_ordered(encode_chunk, (tokenizer, src, settings), chunks, num_proc)
 

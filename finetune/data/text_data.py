@@ -83,13 +83,13 @@ def load_texts(sources: list[DataSource], key: str, tokenizer, seed: int, num_pr
         src = settle_format(src, where, expected="text")
         if src.format != "text":
             raise DataError(f"{key}.{i}.format: this trainer reads format 'text', got {src.format!r}")
-        wanted = selected(src, where, seed)
-        fields = {"source": identity(src, where), "seed": seed if wanted is not None else None,
+        fields = {"source": identity(src, where), "seed": seed if src.max_samples else None,
                   "tokenizer": cache.tokenizer_fingerprint(tokenizer),
                   "version": __version__, "code": cache.code_fingerprint()}
 
-        def build(path, src=src, where=where, wanted=wanted) -> dict:
+        def build(path, src=src, where=where) -> dict:
             progress, n = cache.Progress(where), 0
+            wanted = selected(src, where, seed)  # max_samples' rows (kept in meta.json)
 
             def counted(batches):
                 nonlocal n
