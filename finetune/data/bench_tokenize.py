@@ -12,9 +12,12 @@ on a sample of them (ChatML template). Then, each in a fresh process (so peak me
   ``{% generation %}`` around each reply and its ``<|im_end|>`` (what our masks train), with
   ``dataset_num_proc`` as given.
 
-Conversations/s count the input conversations over the wall time of the whole preparation. Peak
-memory is sampled every 0.2 s: the process's RSS and the whole process tree's PSS (forked workers
-share pages with their parent; PSS counts each page once). Before the runs, the first 200
+Conversations/s count the input conversations over the wall time of the whole preparation; CPU
+time (user + system, the workers' included) per conversation is what it costs whatever else runs
+on the machine. Memory is sampled every 0.25 s: the main process's RSS and heap (anonymous
+memory), and the whole process tree's PSS (forked workers share pages with their parent; PSS
+counts each page once). The file pages of memory-mapped Arrow files count in RSS and PSS once touched
+(page cache the kernel may drop), not in the heap. Before the runs, the first 200
 conversations are prepared by both and their input_ids/labels compared (the masks are the same
 rule: equal, or the difference is printed). One JSON line per run (with the machine's 1-minute
 load average at its start and end: other processes share the CPUs), then a Markdown table.
@@ -94,22 +97,37 @@ def make_data(workdir: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
 
 
 class PeakMemory:
-    """Peak RSS of this process and peak PSS of its process tree, sampled in a thread."""
+    """Peaks, sampled in a thread: this process's RSS and anonymous memory (heap: RssAnon, what a
+    data set held in Python costs; file pages of memory-mapped Arrow files are not in it), and the
+    process tree's PSS (every page, shared ones split between their processes: forked workers share
+    their parent's pages, which each one's RSS would count again)."""
 
-    def __init__(self, every: float = 0.2) -> None:
+    def __init__(self, every: float = 0.25) -> None:
         import psutil
 
         self.proc, self.every = psutil.Process(), every
-        self.rss = self.tree_pss = 0
+        self.rss = self.anon = self.tree_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _anon(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
 
     def _sample(self) -> None:
         import psutil
 
         self.rss = max(self.rss, self.proc.memory_info().rss)
+        procs = [self.proc, *self.proc.children(recursive=True)]
+        self.anon = max(self.anon, self._anon(self.proc.pid))
         pss = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
+        for p in procs:
             try:
                 pss += p.memory_full_info().pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -123,12 +141,21 @@ class PeakMemory:
     def __enter__(self):
         self._sample()
         self._thread.start()
+        self.start, self.cpu0 = time.perf_counter(), os.times()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+        t = os.times()
+        self.cpu = sum(getattr(t, k) - getattr(self.cpu0, k) for k in ("user", "system", "children_user",
+                                                                      "children_system"))
         self._stop.set()
         self._thread.join()
         self._sample()
+
+    def result(self) -> dict:
+        return {"seconds": self.seconds, "cpu_seconds": self.cpu, "peak_rss_mb": self.rss / 2**20,
+                "peak_heap_mb": self.anon / 2**20, "peak_tree_pss_mb": self.tree_pss / 2**20}
 
 
 def _recipe(data: Path, tok_dir: Path, num_proc: int):
@@ -150,16 +177,13 @@ def run_ours(data: Path, tok_dir: Path, num_proc: int) -> dict:
     tok = AutoTokenizer.from_pretrained(tok_dir)
     recipe = _recipe(data, tok_dir, num_proc)
     with PeakMemory() as mem:
-        start = time.perf_counter()
         chats = load_chats(recipe, tok, BadRows())
-        cold = time.perf_counter() - start
     start = time.perf_counter()
     again = load_chats(recipe, tok, BadRows())
     warm = time.perf_counter() - start
     assert len(again.train) == len(chats.train)
     return {"system": "finetune", "num_proc": num_proc, "conversations": chats.stats.rows,
-            "samples": chats.stats.samples, "tokens": chats.stats.tokens, "seconds": cold,
-            "warm_seconds": warm, "peak_rss_mb": mem.rss / 2**20, "peak_tree_pss_mb": mem.tree_pss / 2**20}
+            "samples": chats.stats.samples, "tokens": chats.stats.tokens, "warm_seconds": warm, **mem.result()}
 
 
 def trl_prepare(dataset, tok, num_proc: int | None):
@@ -185,12 +209,16 @@ def run_trl(data: Path, tok_dir: Path, num_proc: int | None) -> dict:
         ds = datasets.load_dataset("json", data_files=str(data), split="train")
         loaded = time.perf_counter() - start
         out = trl_prepare(ds, tok, num_proc)
-        total = time.perf_counter() - start
-    tokens = sum(len(x) for x in out.with_format("arrow").select_columns(["input_ids"]).data.column(0).to_pylist()) \
-        if len(out) < 50_000 else None
+    tokens = sum(pyarrow_lengths(out))
     return {"system": "trl", "num_proc": num_proc or 1, "conversations": len(ds), "samples": len(out),
-            "tokens": tokens, "seconds": total, "load_seconds": loaded, "peak_rss_mb": mem.rss / 2**20,
-            "peak_tree_pss_mb": mem.tree_pss / 2**20}
+            "tokens": tokens, "load_seconds": loaded, **mem.result()}
+
+
+def pyarrow_lengths(ds) -> list[int]:
+    import pyarrow.compute as pc
+
+    return [n for t in ds.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=10_000)
+            for n in pc.list_value_length(t.column("input_ids")).to_pylist()]
 
 
 def compare(data: Path, tok_dir: Path, k: int = 200) -> str:
@@ -226,16 +254,18 @@ def _versions() -> dict:
 
 def table(results: list[dict]) -> str:
     trl = next((r for r in results if r["system"] == "trl" and r["num_proc"] == 1), None)
-    lines = ["| run | conversations/s | time | vs TRL (1 proc) | peak RSS (main) | peak PSS (all processes) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | conversations/s | wall time | CPU per conversation | vs TRL 1 proc (wall) | peak RSS, main "
+             "| peak heap, main | peak PSS, all processes | load avg (start-end) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         rate = r["conversations"] / r["seconds"]
         vs = f"{rate / (trl['conversations'] / trl['seconds']):.2f}x" if trl else "-"
-        name = f"{r['system']} num_proc={r['num_proc']}"
         extra = f" (warm cache: {r['warm_seconds']:.1f} s)" if "warm_seconds" in r else \
             f" (load_dataset {r['load_seconds']:.0f} s)" if "load_seconds" in r else ""
-        lines.append(f"| {name} | {rate:,.0f} | {r['seconds']:,.0f} s{extra} | {vs} | {r['peak_rss_mb']:,.0f} MB "
-                     f"| {r['peak_tree_pss_mb']:,.0f} MB |")
+        lines.append(f"| {r['system']} num_proc={r['num_proc']} | {rate:,.0f} | {r['seconds']:,.0f} s{extra} "
+                     f"| {1e3 * r['cpu_seconds'] / r['conversations']:.2f} ms | {vs} | {r['peak_rss_mb']:,.0f} MB "
+                     f"| {r['peak_heap_mb']:,.0f} MB | {r['peak_tree_pss_mb']:,.0f} MB "
+                     f"| {r['loadavg_start']:.1f}-{r['loadavg_end']:.1f} |")
     return "\n".join(lines)
 
 
