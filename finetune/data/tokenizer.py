@@ -42,6 +42,7 @@ import difflib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -552,7 +553,8 @@ def _labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: li
     """A token is trained when it overlaps a span (an empty token: when it sits inside one)."""
     import numpy as np
 
-    s, e = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).T
+    flat = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+    s, e = flat[0::2], flat[1::2]
     inside = np.zeros(len(ids), dtype=bool)
     for span in spans:
         inside |= np.where(s == e, (span.start <= s) & (s < span.end), (s < span.end) & (e > span.start))
