@@ -47,8 +47,8 @@ bench: install
 	$(VENV)/bin/finetune bench $(BENCH_ARGS) --json-out runs/bench.jsonl
 
 # CPU: SFT data preparation of 200k synthetic multi-turn conversations, ours (data.num_proc 2 and 1)
-# vs TRL's SFTTrainer._prepare_dataset: conversations/s and peak memory, a table (docs/benchmarks.md).
-BENCH_DATA_ARGS ?= --n 200000 --runs finetune:2,finetune:1,trl:1
+# vs TRL's SFTTrainer._prepare_dataset (dataset_num_proc 1 and 2): conversations/s, CPU time, peak memory.
+BENCH_DATA_ARGS ?= --n 200000 --runs finetune:2,finetune:1,trl:1,trl:2
 bench-data: install
 	$(PY) -m finetune.data.bench_tokenize $(BENCH_DATA_ARGS) --workdir runs/bench-data --json-out runs/bench-data.jsonl
 

@@ -1,7 +1,7 @@
 """`make bench-data`: SFT data preparation of N synthetic multi-turn conversations, ours vs TRL's.
 
 Generates N conversations (a system prompt, 3-4 user/assistant turns, Zipf-distributed words from
-a 20k-word vocabulary, ~500 words each) into a JSONL file and trains a 32k byte-level BPE tokenizer
+a 20k-word vocabulary, ~520 tokens each) into a JSONL file and trains a 32k byte-level BPE tokenizer
 on a sample of them (ChatML template). Then, each in a fresh process (so peak memory is its own):
 
 - ours: ``sft_data.load_chats`` as ``finetune run`` calls it (read, convert, mask every assistant
@@ -10,7 +10,7 @@ on a sample of them (ChatML template). Then, each in a fresh process (so peak me
 - trl: ``load_dataset("json")`` then ``SFTTrainer._prepare_dataset`` called directly (no model, no
   training) with ``assistant_only_loss=True``, ``max_length`` ours, and a ChatML template carrying
   ``{% generation %}`` around each reply and its ``<|im_end|>`` (what our masks train), with
-  ``dataset_num_proc`` as given.
+  ``dataset_num_proc`` None (its default: one process) and 2.
 
 Conversations/s count the input conversations over the wall time of the whole preparation; CPU
 time (user + system, the workers' included) per conversation is what it costs whatever else runs
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=200_000, help="conversations")
     p.add_argument("--workdir", type=Path, default=Path("runs/bench-data"))
-    p.add_argument("--runs", default="finetune:2,finetune:1,trl:1", help="system:num_proc,...")
+    p.add_argument("--runs", default="finetune:2,finetune:1,trl:1,trl:2", help="system:num_proc,...")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a single run, in this process
     a = p.parse_args(argv)
