@@ -11,7 +11,7 @@ STAMP      := $(VENV)/.installed-$(subst =,_,$(subst >,_,$(TORCH_SPEC)))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install quickstart test test-fast lint data bench gpu-check gpu-wheels clean
+.PHONY: install quickstart test test-fast lint data bench bench-data gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ data: install
 BENCH_ARGS ?= --suite issue --shapes qwen0.5b,llama1b --check
 bench: install
 	$(VENV)/bin/finetune bench $(BENCH_ARGS) --json-out runs/bench.jsonl
+
+# CPU: SFT data preparation of 200k synthetic multi-turn conversations, ours (data.num_proc 2 and 1)
+# vs TRL's SFTTrainer._prepare_dataset (dataset_num_proc 1 and 2): conversations/s, CPU time, peak memory.
+BENCH_DATA_ARGS ?= --n 200000 --runs finetune:2,finetune:1,trl:1,trl:2
+bench-data: install
+	$(PY) -m finetune.data.bench_tokenize $(BENCH_DATA_ARGS) --workdir runs/bench-data --json-out runs/bench-data.jsonl
 
 # GPU machine: one table of PASS/FAIL/SKIP lines (attention kernels, packed vs padded, recipe memory vs
 # estimate, compile, PPO, pytest -m gpu, bench) written into docs/gpu-check.md; exit 1 on any FAIL.

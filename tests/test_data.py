@@ -67,24 +67,3 @@ def test_holdout_is_seeded_and_disjoint():
     train, held = split_holdout(list(range(100)), 0.1, seed=3)
     assert len(held) == 10 and not set(train) & set(held)
     assert split_holdout(list(range(100)), 0.1, seed=3) == (train, held)
-
-
-def test_tokenized_cache_returns_identical_samples_and_invalidates(tmp_path, monkeypatch):
-    from finetune.data.formats import Conversation
-    from finetune.data.sources import cache_dir, encode_conversations_cached
-    from tests.conftest import save_tiny_chat_model
-
-    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(save_tiny_chat_model(tmp_path / "m"))
-    convs = [Conversation([{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}],
-                          f"x:{i}") for i in range(5)]
-    first, stats = encode_conversations_cached(tok, convs, "assistant", 64, "truncate", "k")
-    assert len(list(cache_dir().glob("*.json"))) == 1
-    again, stats2 = encode_conversations_cached(tok, convs, "assistant", 64, "truncate", "k")
-    assert again == first and stats2 == stats
-    encode_conversations_cached(tok, convs, "all", 64, "truncate", "k")  # another setting, another entry
-    convs[0].messages[1]["content"] = "changed"
-    changed, _ = encode_conversations_cached(tok, convs, "assistant", 64, "truncate", "k")
-    assert changed != first and len(list(cache_dir().glob("*.json"))) == 3

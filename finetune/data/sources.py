@@ -7,14 +7,11 @@ A source is a local file, directory or glob (jsonl, json, parquet, csv, txt) or 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.data.reasoning import training_twin
 from finetune.errors import DataError, TemplateError
 from finetune.recipe.schema import DataSource
 
@@ -400,49 +397,4 @@ def encode_conversations(tokenizer, conversations: list, train_on: str, max_leng
     if not samples:
         raise DataError(f"{key}: no sample has a trained token left ({stats.summary()}); "
                         "check tokenizer.max_length and trainer.train_on")
-    return samples, stats
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / "tokenized"
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes whenever the ids or the template would change."""
-    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    h.update(str(tokenizer.chat_template).encode())
-    twin = training_twin(tokenizer.chat_template)  # renders the data instead: a trl upgrade may change it
-    h.update(str(twin).encode())
-    h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
-    return h.hexdigest()
-
-
-def encode_conversations_cached(tokenizer, conversations: list, train_on: str, max_length: int, overflow: str,
-                                key: str, bad: BadRows | None = None, use_cache: bool = True):
-    """encode_conversations, cached on disk by a hash of everything that decides the result
-    (the conversations themselves, the tokenizer and template, train_on, max_length, overflow),
-    so a rerun or a resume does not re-render thousands of conversations."""
-    from finetune import __version__
-    if not use_cache or (bad is not None and bad.policy == "skip"):  # skips must be reported again
-        return encode_conversations(tokenizer, conversations, train_on, max_length, overflow, key, bad)
-    # "masks-2": trl's training twins render reasoning templates (older caches masked otherwise).
-    h = hashlib.sha256(f"{__version__}|masks-2|{train_on}|{max_length}|{overflow}|".encode())
-    h.update(tokenizer_fingerprint(tokenizer).encode())
-    for conv in conversations:
-        h.update(json.dumps([conv.messages, conv.tools], sort_keys=True, default=str).encode())
-    path = cache_dir() / f"{h.hexdigest()[:32]}.json"
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            return cached["samples"], EncodeStats(**cached["stats"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a damaged cache entry is recomputed
-    samples, stats = encode_conversations(tokenizer, conversations, train_on, max_length, overflow, key, bad)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"samples": samples, "stats": asdict(stats)}))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only or full cache only costs time
     return samples, stats

@@ -42,6 +42,7 @@ import difflib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -549,14 +550,15 @@ def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[_Span]) -> list[int]:
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (s, e) in enumerate(offsets):
-        for span in spans:
-            inside = span.start <= s < span.end if s == e else s < span.end and e > span.start
-            if inside:
-                labels[k] = ids[k]
-                break
-    return labels
+    """A token is trained when it overlaps a span (an empty token: when it sits inside one)."""
+    import numpy as np
+
+    flat = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+    s, e = flat[0::2], flat[1::2]
+    inside = np.zeros(len(ids), dtype=bool)
+    for span in spans:
+        inside |= np.where(s == e, (span.start <= s) & (s < span.end), (s < span.end) & (e > span.start))
+    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
 
 
 # ---------------------------------------------------------------- stop tokens

@@ -43,6 +43,7 @@ def _report_to(v: Any) -> Any:
 PEER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     # transformers TrainingArguments / TRL configs
     "learning_rate": ("optim.lr", _same),
+    "dataset_num_proc": ("data.num_proc", _same),
     "lr": ("optim.lr", _same),
     "per_device_train_batch_size": ("run.micro_batch_size", _same),
     "gradient_accumulation_steps": ("run.grad_accum", _same),

@@ -85,6 +85,7 @@ class DataSource(Section):
     revision: str | None = None
     max_samples: int | None = Field(None, gt=0)
     encoding: str = "utf-8"  # of local jsonl / json / txt files
+    streaming: bool = False  # Hub datasets: read as a stream (max_samples: the first N rows)
 
     @field_validator("encoding")
     @classmethod
@@ -105,6 +106,8 @@ class DataCfg(Section):
     packing: bool = False
     padding_free: bool = True
     cache: bool = True  # tokenized samples cached under $FINETUNE_CACHE (~/.cache/finetune)
+    num_proc: int | None = Field(None, ge=1)  # tokenizing processes (None: min(8, CPUs))
+    packing_buffer: int = Field(100_000, ge=1)  # samples bin-packed together (bounds the packer)
     on_bad_row: Literal["error", "skip"] = "error"
     max_bad_rows: int = Field(100, ge=0)
     shuffle: bool = True

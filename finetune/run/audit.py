@@ -98,8 +98,5 @@ def _check(recipe: Recipe, prepared, samples: list[dict]) -> None:
                         "the answer?); raise tokenizer.max_length or use tokenizer.overflow: drop")
     if recipe.trainer.train_on != "all":
         check_learns_to_stop(prepared.tokenizer, samples, recipe.tokenizer.max_length)
-    from finetune.trainers.sft import read_conversations
-
-    convs, _ = read_conversations(recipe)
-    for conv in convs[:20]:
+    for conv in prepared.train_conversations[:20]:
         check_generation_prompt(prepared.tokenizer, conv.messages, tools=conv.tools)

@@ -16,14 +16,19 @@ would otherwise be predicted from the previous sample's last token; the first to
 never a target of its own sample, so the loss and the token count are the same in both layouts.
 
 ``pack_bins`` groups samples into rows of at most max_length tokens (best-fit decreasing) for
-fixed-size packed rows; the caller truncates or drops over-long samples first.
+fixed-size packed rows; the caller truncates or drops over-long samples first. ``pack_stream`` does
+it on a stream of lengths with a bounded buffer (``data.packing_buffer``), and ``PackedRows`` serves
+the rows of any sequence of samples without copying them.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from finetune.train.losses import IGNORE_INDEX, count_trained_tokens
@@ -171,3 +176,43 @@ def packing_efficiency(bins: list[list[int]], lengths: list[int], max_length: in
         return 0.0
     used = sum(lengths[i] for b in bins for i in b)
     return used / (len(bins) * max_length)
+
+
+def pack_stream(lengths: Iterable[int], max_length: int, buffer: int) -> Iterator[list[int]]:
+    """pack_bins over a stream of sample lengths, `buffer` samples at a time: each window's bins, with
+    indices counted over the whole stream. At most `buffer` lengths are held; a stream that fits one
+    buffer gets exactly pack_bins' bins."""
+    window: list[int] = []
+    start = 0
+    for n in lengths:
+        window.append(int(n))
+        if len(window) == buffer:
+            yield from ([start + i for i in b] for b in pack_bins(window, max_length))
+            start, window = start + len(window), []
+    if window:
+        yield from ([start + i for i in b] for b in pack_bins(window, max_length))
+
+
+class PackedRows(Sequence):
+    """Packed rows (lists of samples) over a sequence of samples: the bins kept as two flat arrays."""
+
+    def __init__(self, samples: Sequence, bins: Iterable[list[int]]) -> None:
+        order, sizes = array("q"), array("q")  # 8 bytes an entry, not a Python int each
+        for b in bins:
+            order.extend(b)
+            sizes.append(len(b))
+        self.samples = samples
+        self.order = np.array(order, dtype=np.int64)
+        self.offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(np.array(sizes, dtype=np.int64), out=self.offsets[1:])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i) + (len(self) if i < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return [self.samples[int(k)] for k in self.order[self.offsets[i]:self.offsets[i + 1]]]

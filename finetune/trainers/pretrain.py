@@ -6,7 +6,9 @@ into blocks of `tokenizer.max_length` tokens; every token is trained with teache
 attention may cross document boundaries inside a block (EOS marks them); the final partial
 block is dropped. From scratch, `model.init_config` builds a randomly initialised model of any
 transformers causal-LM architecture and `tokenizer.train` fits a byte-level BPE tokenizer on the
-training text (the chat-template tokens are added so later SFT stages can use ChatML).
+training text (the chat-template tokens are added so later SFT stages can use ChatML). Documents
+are tokenized in parallel into the Arrow cache (`finetune.data.text_data`): a restart tokenizes
+nothing.
 
     finetune run recipes/pretrain.yaml
     finetune run recipes/pretrain_tiny.yaml run.max_steps=50
@@ -14,12 +16,16 @@ training text (the chat-template tokens are added so later SFT stages can use Ch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from finetune.console import info
+from finetune.data.cache import default_num_proc
+from finetune.data.sft_data import holdout
 from finetune.data.sources import read_texts, split_holdout
+from finetune.data.text_data import Blocks, load_texts
 from finetune.data.tokenizer import encode_text
 from finetune.data.tokenizer_setup import load_tokenizer
 from finetune.errors import DataError
@@ -32,30 +38,41 @@ from finetune.train.plan import Plan
 @dataclass
 class Prepared:
     tokenizer: object
-    train_blocks: list[dict]
-    eval_blocks: list[dict]
+    train_blocks: Sequence[dict]  # read from the tokenized cache on access (finetune.data.text_data)
+    eval_blocks: Sequence[dict]
     train_tokens: int
     dropped_tokens: int
 
 
 def prepare(recipe: Recipe, resume_from: Path | None = None) -> Prepared:
-    """Reads and tokenizes the data (and trains the tokenizer when asked): no model weights."""
-    seed = recipe.run.seed
-    docs = read_texts(recipe.data.train, "data.train", seed)
-    if recipe.data.eval:
-        eval_docs = read_texts(recipe.data.eval, "data.eval", seed)
-    elif recipe.data.eval_fraction:
-        if len(docs) < 2:
+    """Reads and tokenizes the data (and trains the tokenizer when asked): no model weights.
+
+    Documents are tokenized by data.num_proc processes into the Arrow cache, so a second start
+    tokenizes nothing; the blocks equal make_blocks' on the same documents."""
+    seed, data = recipe.run.seed, recipe.data
+    texts = None
+    if recipe.tokenizer.train is not None and not (resume_from and (resume_from / "tokenizer").is_dir()):
+        docs = read_texts(data.train, "data.train", seed)  # the tokenizer trains on the training text
+        if data.eval_fraction and not data.eval:
+            docs = split_holdout(docs, data.eval_fraction, seed)[0] if len(docs) >= 2 else docs
+        texts = [t for t, _ in docs]
+    tokenizer = load_tokenizer(recipe, texts=texts, resume_from=resume_from)
+    load = partial(load_texts, tokenizer=tokenizer, seed=seed, num_proc=data.num_proc or default_num_proc(),
+                   use_cache=data.cache)
+    train = load(data.train, "data.train")
+    if data.eval:
+        evals = load(data.eval, "data.eval")
+    elif data.eval_fraction:
+        if len(train) < 2:
             raise DataError("data.eval_fraction: needs at least two documents to hold one out")
         # Split by document before blocking, so no held-out text leaks into training blocks.
-        docs, eval_docs = split_holdout(docs, recipe.data.eval_fraction, seed)
+        train, evals = holdout(train, data.eval_fraction, seed)
     else:
-        eval_docs = []
-    tokenizer = load_tokenizer(recipe, texts=[t for t, _ in docs], resume_from=resume_from)
+        evals = None
     length = recipe.tokenizer.max_length
-    train_blocks, dropped = make_blocks(tokenizer, [t for t, _ in docs], length)
-    eval_blocks, _ = make_blocks(tokenizer, [t for t, _ in eval_docs], length) if eval_docs else ([], 0)
-    return Prepared(tokenizer, train_blocks, eval_blocks, len(train_blocks) * length, dropped)
+    train_blocks = Blocks(train, length)
+    eval_blocks = Blocks(evals, length) if evals is not None else []
+    return Prepared(tokenizer, train_blocks, eval_blocks, len(train_blocks) * length, train_blocks.dropped)
 
 
 def make_blocks(tokenizer, texts: list[str], length: int) -> tuple[list[dict], int]:

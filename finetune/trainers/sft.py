@@ -11,37 +11,53 @@ GPU, SDPA per sample on CPU). `data.packing: true` first bin-packs samples into 
 `tokenizer.max_length` (best-fit decreasing). Held-out metrics: token loss, and greedy
 exact-match of the last assistant turn on the eval conversations.
 
+Data: tokenized by `data.num_proc` processes into the Arrow cache and read from it memory-mapped
+(`finetune.data.sft_data`); the samples equal `encode_conversations(read_conversations(...))`'s.
+
     finetune run recipes/sft_full.yaml
     finetune data recipes/sft_full.yaml          # audit the masks first
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 from finetune.console import info
 from finetune.data.formats import to_conversation
-from finetune.data.sources import BadRows, EncodeStats, encode_conversations_cached, mix_sources, split_holdout
+from finetune.data.sft_data import load_chats
+from finetune.data.sources import BadRows, EncodeStats, mix_sources, split_holdout
 from finetune.data.stops import check_learns_to_stop
 from finetune.data.tokenizer_setup import load_tokenizer
+from finetune.errors import DataError
 from finetune.recipe.schema import Recipe
 from finetune.rl.evaluate import exact_match
 from finetune.train import engine
-from finetune.train.collate import collate_flat, collate_padded, pack_bins, packing_efficiency
+from finetune.train.collate import (
+    PackedRows,
+    collate_flat,
+    collate_padded,
+    pack_bins,
+    pack_stream,
+    packing_efficiency,
+)
 from finetune.train.plan import Plan
 
 
 @dataclass
 class Prepared:
     tokenizer: object
-    train_units: list
-    eval_units: list
+    train_units: Sequence  # samples, or packed rows (lists of samples), read from the cache on access
+    eval_units: Sequence
     train_stats: EncodeStats
-    eval_conversations: list
+    eval_conversations: Sequence
     notes: list[str] = field(default_factory=list)
     packing_efficiency: float | None = None
+    train_conversations: Sequence = ()
+    stop_problems: object = None  # per train sample: where a trained turn misses its stop token (-1: none)
 
 
 def read_conversations(recipe: Recipe, bad: BadRows | None = None) -> tuple[list, list]:
@@ -60,19 +76,20 @@ def prepare(recipe: Recipe, resume_from: Path | None = None) -> Prepared:
     notes: list[str] = []
     tokenizer = load_tokenizer(recipe, resume_from=resume_from, notes=notes)
     bad = BadRows(recipe.data.on_bad_row, recipe.data.max_bad_rows)
-    train_convs, eval_convs = read_conversations(recipe, bad)
+    data = load_chats(recipe, tokenizer, bad)
     t = recipe.tokenizer
-    encode = partial(encode_conversations_cached, tokenizer, train_on=recipe.trainer.train_on,
-                     max_length=t.max_length, overflow=t.overflow, bad=bad, use_cache=recipe.data.cache)
-    train, stats = encode(train_convs, key="data.train")
-    evals, _ = encode(eval_convs, key="data.eval") if eval_convs else ([], None)
-    notes.append(f"train data: {stats.summary()}")
+    notes += data.notes
+    notes.append(f"train data: {data.stats.summary()}")
     if bad.count:
         notes.append(f"skipped {bad.count} bad rows (data.on_bad_row: skip)")
-    prepared = Prepared(tokenizer, train, evals, stats, eval_convs, notes)
+    prepared = Prepared(tokenizer, data.train, data.eval, data.stats, data.eval_conversations, notes,
+                        train_conversations=data.train_conversations,
+                        stop_problems=data.train.stop_problems() if data.stops_checked else None)
     if recipe.data.packing:
-        prepared.train_units, prepared.packing_efficiency = pack(train, t.max_length)
-        notes.append(f"packed {len(train):,} samples into {len(prepared.train_units):,} rows of "
+        lengths = data.train.lengths()
+        prepared.train_units = PackedRows(data.train, pack_stream(lengths, t.max_length, recipe.data.packing_buffer))
+        prepared.packing_efficiency = float(lengths.sum()) / max(len(prepared.train_units) * t.max_length, 1)
+        notes.append(f"packed {len(data.train):,} samples into {len(prepared.train_units):,} rows of "
                      f"{t.max_length} ({100 * prepared.packing_efficiency:.1f}% full)")
     return prepared
 
@@ -81,6 +98,28 @@ def pack(samples: list[dict], max_length: int) -> tuple[list[list[dict]], float]
     lengths = [len(s["input_ids"]) for s in samples]
     bins = pack_bins(lengths, max_length)
     return [[samples[i] for i in b] for b in bins], packing_efficiency(bins, lengths, max_length)
+
+
+def check_stops(prepared: Prepared, max_length: int) -> None:
+    """check_learns_to_stop on the train samples, from the flags the tokenizing workers set."""
+    if prepared.stop_problems is None:  # the stop tokens could not be probed: the check says why
+        check_learns_to_stop(prepared.tokenizer, _samples(prepared.train_units), max_length)
+        return
+    bad = prepared.stop_problems
+    if not (bad >= 0).any():
+        return
+    units = prepared.train_units
+    order = units.order if isinstance(units, PackedRows) else range(len(bad))
+    i = next(n for n, s in enumerate(order) if bad[s] >= 0)  # numbered as check_learns_to_stop counts
+    sample = units.samples[int(order[i])] if isinstance(units, PackedRows) else units[i]
+    tok = prepared.tokenizer.decode([sample["input_ids"][bad[order[i]]]])
+    raise DataError(f"data.train: sample {i}: a trained turn ends on {tok!r}, not a stop token; the model "
+                    "would not learn to stop (check the chat template's end-of-turn token)")
+
+
+def _samples(units):
+    for u in units:
+        yield from (u if isinstance(u, list) else [u])
 
 
 def make_collate(recipe: Recipe, pad_id: int):
@@ -123,10 +162,10 @@ def _special_attention_meta(recipe: Recipe) -> list[str]:
     return [note] if note else []
 
 
-def exact_match_metric(recipe: Recipe, tokenizer, conversations: list):
+def exact_match_metric(recipe: Recipe, tokenizer, conversations: Sequence):
     """evaluate_extra for the engine: greedy exact-match of each eval conversation's last reply."""
     n = recipe.trainer.exact_match_samples
-    cases = [c.messages for c in conversations if c.messages[-1]["role"] == "assistant"][:n]
+    cases = list(islice((c.messages for c in conversations if c.messages[-1]["role"] == "assistant"), n))
     if not cases:
         return None
     prompts = [m[:-1] for m in cases]
@@ -147,8 +186,7 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
     engine.start_process()  # this rank's device before any weight (QLoRA loads onto it)
     prepared = prepare(recipe, resume_from)
     if recipe.trainer.train_on != "all":  # what `finetune data` refuses, `finetune run` refuses too
-        samples = [s for u in prepared.train_units for s in (u if isinstance(u, list) else [u])]
-        check_learns_to_stop(prepared.tokenizer, samples, recipe.tokenizer.max_length)
+        check_stops(prepared, recipe.tokenizer.max_length)
     model, model_info = load_model(recipe, prepared.tokenizer)
     if recipe.data.packing or recipe.data.padding_free:
         enable_packed_attention(model)
