@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -66,6 +66,22 @@ def default_num_proc() -> int:
 def code_fingerprint() -> str:
     here = Path(__file__).parent
     return fingerprint([(name, (here / name).read_text(encoding="utf-8")) for name in _CODE])
+
+
+class Rows(Sequence):
+    """A sequence whose items are built on access (from the memory-mapped cache): subclasses give
+    `__len__` and `_row(i)` for 0 <= i < len; this adds negative indexes and slices (as lists)."""
+
+    def _row(self, i: int):
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._row(j) for j in range(*i.indices(len(self)))]
+        i = int(i) + (len(self) if i < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._row(i)
 
 
 @dataclass

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import random
 from bisect import bisect_right
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from finetune.data import cache
+from finetune.data.cache import Rows
 from finetune.data.formats import Conversation, to_conversation
 from finetune.data.sources import BadRows, EncodeStats
 from finetune.data.stream import identity, iter_chunks, keep_only, rows, selected, settle_format
@@ -275,7 +275,7 @@ def _failed(t: Table, stage: str) -> np.ndarray:
     return out
 
 
-class Samples(Sequence):
+class Samples(Rows):
     """Samples ({"input_ids", "labels"} lists) read from the memory-mapped tables on access."""
 
     def __init__(self, tables: list[Table], src: np.ndarray, items: np.ndarray) -> None:
@@ -284,12 +284,7 @@ class Samples(Sequence):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i) + (len(self) if i < 0 else 0)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _row(self, i: int):
         t, s = self.tables[self.src[i]], int(self.items[i])
         return {"input_ids": t.ids[s].tolist(), "labels": t.labels[s].tolist()}
 
@@ -308,7 +303,7 @@ class Samples(Sequence):
         return self._gather("stop_bad")
 
 
-class Conversations(Sequence):
+class Conversations(Rows):
     """The conversations of a mixed list, decoded from the cache on access."""
 
     def __init__(self, mixed: Mixed) -> None:
@@ -317,12 +312,7 @@ class Conversations(Sequence):
     def __len__(self) -> int:
         return len(self.mixed)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i) + (len(self) if i < 0 else 0)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _row(self, i: int):
         t = self.mixed.tables[self.mixed.src[i]]
         messages, tools = json.loads(t.conversations[int(self.mixed.rows[i])].as_py())
         return Conversation(messages, f"{t.src.path}: row {int(self.mixed.rows[i])}", tools)

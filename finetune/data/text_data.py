@@ -12,11 +12,11 @@ only the documents a block covers.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
 
 import numpy as np
 
 from finetune.data import cache
+from finetune.data.cache import Rows
 from finetune.data.sft_data import Mixed
 from finetune.data.sources import column
 from finetune.data.stream import identity, iter_chunks, keep_only, rows, selected, settle_format
@@ -115,7 +115,7 @@ def load_texts(sources: list[DataSource], key: str, tokenizer, seed: int, num_pr
     return docs
 
 
-class Blocks(Sequence):
+class Blocks(Rows):
     """The documents' token stream cut into `length`-token blocks ({"input_ids", "labels"}), the last
     partial block dropped (a stream shorter than one block is one short block), as make_blocks."""
 
@@ -132,12 +132,7 @@ class Blocks(Sequence):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i) + (len(self) if i < 0 else 0)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _row(self, i: int):
         start, end = i * self.size, (i + 1) * self.size
         d = int(np.searchsorted(self.cum, start, side="right")) - 1
         pieces, pos = [], start

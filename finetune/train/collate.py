@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from finetune.data.cache import Rows
 from finetune.train.losses import IGNORE_INDEX, count_trained_tokens
 
 
@@ -193,7 +194,7 @@ def pack_stream(lengths: Iterable[int], max_length: int, buffer: int) -> Iterato
         yield from ([start + i for i in b] for b in pack_bins(window, max_length))
 
 
-class PackedRows(Sequence):
+class PackedRows(Rows):
     """Packed rows (lists of samples) over a sequence of samples: the bins kept as two flat arrays."""
 
     def __init__(self, samples: Sequence, bins: Iterable[list[int]]) -> None:
@@ -209,10 +210,5 @@ class PackedRows(Sequence):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i) + (len(self) if i < 0 else 0)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _row(self, i: int):
         return [self.samples[int(k)] for k in self.order[self.offsets[i]:self.offsets[i + 1]]]

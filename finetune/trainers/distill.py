@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 
 from finetune.console import info
-from finetune.data.stops import check_learns_to_stop
 from finetune.data.tokenizer import stop_token_ids
 from finetune.recipe.schema import DistillCfg, Recipe
 from finetune.rl.rollout import sample_from_ids
@@ -164,8 +163,7 @@ def train(recipe: Recipe, resume_from: Path | None = None, num_processes: int = 
     state = engine.start_process()  # this rank's device before any weight
     prepared = prepare(recipe, resume_from)
     if recipe.trainer.train_on != "all":
-        samples = [s for u in prepared.train_units for s in (u if isinstance(u, list) else [u])]
-        check_learns_to_stop(prepared.tokenizer, samples, recipe.tokenizer.max_length)
+        sft.check_stops(prepared, recipe.tokenizer.max_length)
     model, model_info = load_model(recipe, prepared.tokenizer)
     teacher = load_teacher(recipe, prepared.tokenizer, state.device)
     if recipe.data.packing or recipe.data.padding_free:
