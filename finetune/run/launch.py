@@ -216,11 +216,22 @@ def clear_output_dir(out: Path) -> None:
 
 def end_process_group() -> None:
     """The process group of `finetune run` under `finetune launch` / torchrun ends with the command,
-    not with a trainer's inner engine call (rs_sft rounds, pipeline stages still need it)."""
+    not with a trainer's inner engine call (rs_sft rounds, pipeline stages still need it).
+
+    Every rank first waits for the others (no rank tears its connections down while a peer still
+    talks to it), then the run's objects are collected while the interpreter is alive: FSDP2's
+    module state keeps the group's last work objects in reference cycles, and gloo freeing them
+    during interpreter shutdown aborted a finished run's rank 1 (SIGABRT, "terminate called without
+    an active exception": tests/test_fsdp.py under make test, twice, 2026-11-30)."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------------------------
