@@ -26,14 +26,13 @@ quickstart: install
 	$(VENV)/bin/finetune run recipes/quickstart.yaml run.overwrite=true
 
 # Two xdist workers (one torch thread each) on CI's 2 cores, a test file per work unit: the
-# quickstart story's module fixture then runs once, on one worker, and it starts first so the
-# rest fills the other worker around it. (Not loadgroup: xdist 3.8's group suffix is lost under
-# pytest 9, so a group's module fixture ran on both workers.) xdist re-sorts files by their number
-# of tests, which starts the story minutes late; --no-loadscope-reorder fixes that but, measured
-# 2026-11-30, exposed an order dependence (test_fsdp's module fixture errored after the PPO, GRPO,
-# families and launch files ran in the same worker): not used until that is found.
+# quickstart story's module fixture then runs once, on one worker. Files go out in conftest's
+# LONGEST_FIRST order (--no-loadscope-reorder: xdist would sort them by their number of tests and
+# start the story minutes late): the story first, the rest on the other worker, and when that one
+# runs out of files the story takes both cores (conftest.py). (Not loadgroup: xdist 3.8's group
+# suffix is lost under pytest 9, so a group's module fixture ran on both workers.)
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not gpu"

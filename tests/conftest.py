@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -33,7 +34,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # (ranked by --durations, 2026-11-30), so the short files fill the end and both workers finish together.
 LONGEST_FIRST = ("test_quickstart", "test_ppo.py", "test_grpo", "test_families", "test_launch.py", "test_fsdp.py",
                  "test_reliability", "test_gpu_check", "test_launch_trainers", "test_fsdp_adapter", "test_memory",
-                 "test_scaleout", "test_merge", "test_rs_sft", "test_dpo", "test_distill", "test_data_scale")
+                 "test_scaleout", "test_merge", "test_rs_sft", "test_dpo", "test_distill", "test_data_pipeline")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,6 +43,46 @@ def pytest_collection_modifyitems(config, items):
         return next((i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid), len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: within a file, and among the rest, collection order stays
+
+
+# The story (tests/test_quickstart.py) is the longest file by far: it starts first, on one worker at
+# one thread, and the other worker runs every other file meanwhile (about half the story's time).
+# The worker that runs out of files tells the story's process, which then takes both cores: SIGUSR1,
+# whose Python handler runs in the main thread (torch's thread count is the calling thread's).
+def story_pid_file() -> Path | None:
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run
+    return Path(tempfile.gettempdir()) / f"finetune-story-{run}.pid" if run else None
+
+
+def pytest_sessionfinish(session):
+    path = story_pid_file()
+    try:
+        pid = int(path.read_text()) if path else None
+    except (OSError, ValueError):
+        return
+    if pid and pid != os.getpid():
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def both_cores_once_the_other_worker_is_done():
+    """For the story's module fixture (under xdist only; a plain run keeps its thread count)."""
+    import torch
+
+    path = story_pid_file()
+    if path is None:
+        yield
+        return
+    # Installed for the rest of the process: a signal sent as the story ends must not kill the worker.
+    signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(2))
+    path.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture
