@@ -240,10 +240,11 @@ def test_toy_emit_the_target_token(advantage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
-def test_toy_copy_the_last_prompt_token(advantage):
-    # grpo with the KL in the reward: with its default k3 loss term (beta 0.01) the 10-update mean
-    # measured 0.71 at update 120 (0.77 without the std division, 0.90 with the KL in the reward):
-    # k3's gradient, beta (1 - p_ref / p), grows without bound where a sampled token's p falls far below p_ref.
-    scores = train_groups(toy_group_rl(advantage, kl_in="reward"), copy_reward, 120, lengths=(4, 5))
+def test_toy_copy_the_last_prompt_token():
+    # GRPO only: RLOO learns the emit task above and the story's task (README's 3-seed table), and
+    # its copy run, which passed the same bar, cost make test 20 s. With the KL in the reward: with
+    # its default k3 loss term (beta 0.01) the 10-update mean measured 0.71 at update 120 (0.77
+    # without the std division, 0.90 with the KL in the reward): k3's gradient, beta (1 - p_ref / p),
+    # grows without bound where a sampled token's p falls far below p_ref.
+    scores = train_groups(toy_group_rl("grpo", kl_in="reward"), copy_reward, 120, lengths=(4, 5))
     assert sum(scores[:10]) / 10 < 0.12 and sum(scores[-10:]) / 10 >= 0.85 and max(scores[-10:]) >= 0.9, scores

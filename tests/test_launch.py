@@ -48,11 +48,18 @@ def assert_same_weights(a, b) -> None:
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(in_tmp, model_dir):
-    run_recipe(recipe_from_dict(sft(in_tmp, model_dir, "one", micro_batch_size=8)))
-    two = sft(in_tmp, model_dir, "two", micro_batch_size=4)
-    proc = launch(in_tmp, two, "--num-processes", "2", "--master", f"127.0.0.1:{free_port()}")
+    def run(name: str, micro: int) -> dict:
+        data = sft(in_tmp, model_dir, name, micro_batch_size=micro, eval_at_start=True)
+        data["data"]["eval"][0]["max_samples"] = 5  # 5 eval units: 3 and 2 on the two ranks
+        data["trainer"]["exact_match_samples"] = 1
+        return data
+
+    run_recipe(recipe_from_dict(run("one", 8)))
+    proc = launch(in_tmp, run("two", 4), "--num-processes", "2", "--master", f"127.0.0.1:{free_port()}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_weights(in_tmp / "one", in_tmp / "two")
+    evals = [[r["eval_loss"] for r in read_metrics(in_tmp / name) if "eval_loss" in r] for name in ("one", "two")]
+    assert len(evals[0]) == 2 and evals[1] == pytest.approx(evals[0], rel=1e-5)  # uneven eval shares
     # rank 0 alone writes: one record per logged step, one final/, the generated accelerate config
     steps = [r["step"] for r in read_metrics(in_tmp / "two") if "loss" in r]
     assert steps == [1, 2, 3]

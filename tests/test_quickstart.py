@@ -24,9 +24,10 @@ pytestmark = pytest.mark.slow  # make test's `--dist loadfile` keeps this file o
 # of 12 updates), 0.171 -> 0.200 (of 10).
 RS_HELD_OUT_GAIN = 0.05   # 300 prompts: standard error of a difference ~0.04
 RS_TRAIN_GAIN = 0.01      # 12,240 samples per round: standard error ~0.004 (measured +0.028 to +0.046)
-# The story's 10 PPO updates raise the training score by +0.03 to +0.04 (above), but 512 rollouts
-# per update put a standard error of ~0.014 on that difference: no threshold separates it from a
-# frozen policy (gain 0 +- 0.014) without failing one real run in ten. So the stage is held to
+# The story's 10 PPO updates raised the training score by +0.03 to +0.04 (above, at 512 rollouts per
+# update; 256 since 2026-11-30, to halve the stage's time), but the rollouts put a standard error of
+# ~0.014 (512) to ~0.02 (256) on that difference: no threshold separates it from a frozen policy
+# without failing one real run in ten. So the stage is held to
 # what it must show for sure (the warm-up froze the policy, then it moved, KL-bounded, without
 # losing held-out accuracy), and PPO's learning to the toy tasks of test_ppo.py (emit-the-target
 # 0.06 -> >= 0.9, copy-the-token, negated advantages make the reward fall, the bandit's optimum).
@@ -42,7 +43,7 @@ def monkeypatch_module():
 
 
 @pytest.fixture(scope="module")
-def story(tmp_path_factory, monkeypatch_module):
+def story(tmp_path_factory, monkeypatch_module, both_cores_once_the_other_worker_is_done):
     monkeypatch_module.chdir(ROOT)  # the recipes use repo-relative data paths
     out = tmp_path_factory.mktemp("story") / "quickstart"
     root = run_pipeline(ROOT / "recipes/quickstart.yaml", [f"pipeline.output_dir={out}"])
@@ -100,17 +101,15 @@ def test_ppo_moves_the_policy_after_the_warm_up_with_kl_bounded(story):
     assert acc["ppo"] >= acc["merged"] - PPO_HELD_OUT_LOSS, acc
 
 
-def test_lora_sft_learns_and_its_merge_answers_the_same(story, tmp_path):
-    from finetune.models.merge import merge_adapter
-    from finetune.run.pipeline import evaluate_stage, load_pipeline
-
+def test_lora_sft_learns_on_the_pretrained_model(story, tmp_path):
+    # recipes/sft_lora_cpu.yaml as the README runs it, on the story's pretrained model. Its merge is
+    # not scored again here: the story's rs stage is a LoRA adapter too, merged == rs above holds on
+    # the 300 held-out prompts at a score that is not 0, and test_merge.py compares merged and
+    # adapter logits.
     root, _ = story
     out = tmp_path / "lora"
-    adapter = run_recipe(load_recipe(ROOT / "recipes/sft_lora_cpu.yaml",
-                                     [f"model.name={root / 'pretrain' / 'final'}", f"run.output_dir={out}"]))
+    run_recipe(load_recipe(ROOT / "recipes/sft_lora_cpu.yaml",
+                           [f"model.name={root / 'pretrain' / 'final'}", f"run.output_dir={out}"]))
     evals = [r for r in read_metrics(out) if "eval_exact_match" in r]
     assert evals[-1]["eval_exact_match"] >= evals[0]["eval_exact_match"] + 0.25, evals
-    merge_adapter(adapter, tmp_path / "merged")
-    pipe, _ = load_pipeline(ROOT / "recipes/quickstart.yaml")
-    scores = [evaluate_stage(path, pipe.pipeline.eval) for path in (adapter, tmp_path / "merged")]
-    assert scores[0] == scores[1] and scores[0]["accuracy"] > 0.3, scores
+    assert (out / "final" / "adapter_config.json").is_file()

@@ -312,34 +312,6 @@ def test_trainers_that_sample_refuse_sharded_strategies_before_loading(in_tmp, c
     assert "fsdp shards" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # two launched CPU processes: ~50 s on 2 shared cores
-def test_two_process_eval_equals_one_process_with_uneven_eval_units(in_tmp, tmp_path_factory):
-    """5 eval conversations over 2 gloo ranks (3 and 2 units): the same eval loss as one process."""
-    from finetune.run.launch import run_recipe
-    from tests.conftest import tiny_sft_recipe
-    from tests.test_launch import free_port, launch
-    from tests.tiny_cache import shared_tiny_model
-
-    model_dir = shared_tiny_model(tmp_path_factory)
-
-    def sft(name, micro):
-        data = tiny_sft_recipe(in_tmp, model_dir, max_steps=1, micro_batch_size=micro, eval_at_start=True)
-        data["data"]["eval"][0]["max_samples"] = 5
-        data["trainer"]["exact_match_samples"] = 1
-        data["run"]["output_dir"] = str(in_tmp / name)
-        return data
-
-    def eval_losses(name):
-        rows = [json.loads(x) for x in (in_tmp / name / "metrics.jsonl").read_text().splitlines()]
-        return [r["eval_loss"] for r in rows if "eval_loss" in r]
-
-    run_recipe(recipe_from_dict(sft("one", 4)))
-    proc = launch(in_tmp, sft("two", 2), "--num-processes", "2", "--master", f"127.0.0.1:{free_port()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert eval_losses("two") == pytest.approx(eval_losses("one"), rel=1e-5)
-    assert len(eval_losses("one")) == 2
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 over NCCL needs two GPUs (CPU: tests/test_fsdp.py)")
 def test_fsdp_run_with_eval_and_samples_equals_one_plain_process(in_tmp, tmp_path_factory):
