@@ -255,3 +255,27 @@ def test_warmup_applies_to_every_scheduler(scheduler):
         opt.step()
         sched.step()
     assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0], abs=0.02), lrs
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
+@pytest.mark.parametrize(("warmup", "steps"), [(0, 1), (0, 17), (4, 20), (7, 7), (3, 1000)])
+def test_schedules_equal_transformers_step_by_step(name, warmup, steps):
+    # finetune/train/schedules.py rebuilds transformers' formulas without importing them (start-up
+    # time); the learning rates must be the same floats, past the end of the schedule too.
+    from transformers import get_scheduler
+
+    from finetune.train.schedules import lr_schedule
+
+    def lrs(make) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+        sched = make(opt)
+        out = []
+        for _ in range(min(steps + 5, 60)):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out + [sched.lr_lambdas[0](s) for s in (0, warmup, steps // 2, steps, steps + 3)]
+
+    ours = lrs(lambda opt: lr_schedule(name, opt, warmup, steps))
+    theirs = lrs(lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=steps))
+    assert ours == theirs  # exact: the same formulas in the same order

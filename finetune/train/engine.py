@@ -126,13 +126,13 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optim
 
 
 def build_scheduler(recipe: Recipe, optimizer, steps: int):
-    from transformers import get_scheduler
+    from finetune.train.schedules import lr_schedule
 
     o = recipe.optim
     warmup = o.warmup_steps or math.ceil(o.warmup_ratio * steps)
     # transformers' "constant" ignores warmup; a recipe asking for both means a warmup, then constant.
     name = "constant_with_warmup" if o.scheduler == "constant" and warmup else o.scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    return lr_schedule(name, optimizer, warmup, steps)
 
 
 def use_recipe_lr(lr: float, optimizer, scheduler) -> None:
