@@ -214,6 +214,10 @@ def _bad_inputs(tmp: Path, lora) -> dict:
         "pre-quantized base": (dict(adapter_dir=adapter, base=str(quantized)), "stored quantized \\(bitsandbytes\\)"),
         "dtype": (dict(adapter_dir=adapter, dtype="int4"), "--dtype 'int4': expected one of fp32, bf16, fp16"),
         "out is the adapter": (dict(adapter_dir=adapter, out_dir=adapter, force=True), "is or contains"),
+        # under a file, and on a file system nobody writes (root, as in CI, ignores mode bits)
+        "out under a file": (dict(adapter_dir=adapter, out_dir=quantized / "config.json" / "merged"),
+                             "config.json exists and is not a directory"),
+        "out not writable": (dict(adapter_dir=adapter, out_dir=Path("/proc/finetune-merged")), "is not writable"),
     }
 
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.recipe.checks import output_dir_problem
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
                "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -165,6 +166,11 @@ def _check_out_dir(out_dir: Path, adapter_dir: Path, base: str, force: bool) -> 
         if not ((out_dir / "config.json").is_file() or (out_dir / "merge_report.json").is_file()):
             raise MergeError(f"OUT_DIR {out_dir} holds files but no model (config.json); refusing to replace it "
                              "even with --force")
+    # The merged model is written beside OUT_DIR first (.tmp-merge-*), then renamed into place: both
+    # need its parent, probed now rather than after the base model is loaded and merged.
+    problem = output_dir_problem(out_dir.parent)
+    if problem:
+        raise MergeError(f"OUT_DIR {out_dir}: {problem}")
 
 
 def _same_ref(a: str, b: str) -> bool:

@@ -3,7 +3,9 @@ targets, trackers. Run by `finetune validate` and before every run (after the sc
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 
 from finetune.errors import RecipeError
@@ -78,3 +80,21 @@ def _check_source(src: DataSource, key: str) -> None:
         return
     if src.path.endswith((".jsonl", ".json", ".txt", ".parquet", ".csv")) or not looks_like_hub_id(src.path):
         raise RecipeError(f"{key}: data file {src.path!r} does not exist")
+
+
+def output_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be made and written as an output directory (None: it can), found with a
+    probe directory in its nearest existing ancestor that is removed at once: checked before any
+    weight is loaded, so a typo costs a second, not a run."""
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a directory"
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{path} cannot be created: {ancestor} is a file, not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".finetune-write-check-", dir=ancestor))
+    except OSError as e:
+        return f"{path} is not writable ({e.strerror or e} in {ancestor})"
+    return None

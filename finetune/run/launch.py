@@ -10,14 +10,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from finetune.console import console, info
 from finetune.errors import RecipeError
-from finetune.recipe.checks import check_recipe
+from finetune.recipe.checks import check_recipe, output_dir_problem
 from finetune.recipe.schema import Recipe, dump_recipe, recipe_differences, recipe_to_dict
 
 
@@ -89,19 +88,10 @@ def _free_dir(out: Path) -> Path:
 
 
 def check_output_dir(path: Path, key: str = "run.output_dir") -> None:
-    """The output directory must be a directory this process can write: checked before any weight
-    is loaded, so a typo costs a second, not a training run. Leaves nothing behind."""
-    if path.exists() and not path.is_dir():
-        raise RecipeError(f"{key}: {path} exists and is not a directory")
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise RecipeError(f"{key}: {path} cannot be created: {ancestor} is a file, not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".finetune-write-check-", dir=ancestor))
-    except OSError as e:
-        raise RecipeError(f"{key}: {path} is not writable ({e.strerror or e} in {ancestor})") from None
+    """The output directory must be a directory this process can write (recipe.checks says how)."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise RecipeError(f"{key}: {problem}")
 
 
 def check_model_positions(recipe: Recipe) -> list[str]:
