@@ -136,11 +136,17 @@ def cmd_run(args) -> int:
     from finetune.recipe.schema import load_recipe
     from finetune.run.launch import end_process_group, run_recipe
     from finetune.run.pipeline import is_pipeline, run_pipeline
+    from finetune.train.guards import Preempted
 
-    if is_pipeline(args.recipe):
-        run_pipeline(args.recipe, args.overrides, dry_run=args.dry_run)
-    else:
-        run_recipe(load_recipe(args.recipe, args.overrides), dry_run=args.dry_run)
+    try:
+        if is_pipeline(args.recipe):
+            run_pipeline(args.recipe, args.overrides, dry_run=args.dry_run)
+        else:
+            run_recipe(load_recipe(args.recipe, args.overrides), dry_run=args.dry_run)
+    except Preempted as e:  # every rank stopped at the same step and wrote its checkpoint: all meet here
+        traceback.clear_frames(e.__traceback__)  # the frames hold the model, whose FSDP state holds the group
+        end_process_group()  # its barrier also keeps rank 0 alive until the others are done: exit 75, not an abort
+        raise
     end_process_group()
     return 0
 

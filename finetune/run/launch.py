@@ -212,7 +212,8 @@ def end_process_group() -> None:
     talks to it), then the run's objects are collected while the interpreter is alive: FSDP2's
     module state keeps the group's last work objects in reference cycles, and gloo freeing them
     during interpreter shutdown aborted a finished run's rank 1 (SIGABRT, "terminate called without
-    an active exception": tests/test_fsdp.py under make test, twice, 2026-11-30)."""
+    an active exception": tests/test_fsdp.py under make test, 2026-11-30: twice after a finished run,
+    once after a preemption, whose exit code 75 a scheduler reads, so cmd_run ends the group then too)."""
     import gc
 
     import torch.distributed as dist
