@@ -108,17 +108,20 @@ def _stop_problem(ids: np.ndarray, mask: np.ndarray, s: Settings) -> int:
     return bad[0]
 
 
-class _Nested:
-    """A list<list<int32>> column of a memory-mapped table, as flat items: item s (the s-th kept
-    sample of the table) as a numpy view, copied only when asked."""
+class Ragged:
+    """The chunks of a memory-mapped Arrow list<int> array as flat items: item s as a numpy view,
+    copied only when asked (a list<list<int>> column is flattened to its samples first)."""
 
-    def __init__(self, column) -> None:
+    def __init__(self, chunks) -> None:
         self.starts, self.parts = [0], []
-        for c in column.chunks:
-            inner = c.flatten()
-            self.parts.append((inner.offsets.to_numpy(), inner.values.to_numpy()))
-            self.starts.append(self.starts[-1] + len(inner))
+        for c in chunks:
+            self.parts.append((c.offsets.to_numpy(), c.values.to_numpy()))
+            self.starts.append(self.starts[-1] + len(c))
         self.lengths = np.concatenate([np.diff(off) for off, _ in self.parts] or [np.zeros(0, np.int64)])
+
+    @classmethod
+    def nested(cls, column) -> Ragged:
+        return cls([c.flatten() for c in column.chunks])
 
     def __getitem__(self, s: int) -> np.ndarray:
         c = bisect_right(self.starts, s) - 1
@@ -142,7 +145,7 @@ class Table:
         picked = t.select(["error_stage", "error_kind", "error"]).take(bad).to_pylist()
         self.errors = {int(r): (e["error_stage"], e["error_kind"], e["error"])
                        for r, e in zip(bad, picked, strict=True)}
-        self.ids, self.labels = _Nested(t.column("input_ids")), _Nested(t.column("labels"))
+        self.ids, self.labels = Ragged.nested(t.column("input_ids")), Ragged.nested(t.column("labels"))
         stop_bad = [c.flatten().to_numpy() for c in t.column("stop_bad").chunks]
         self.stop_bad = np.concatenate(stop_bad or [np.zeros(0, np.int32)])
         self.conversations = t.column("conversation")

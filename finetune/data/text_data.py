@@ -11,13 +11,11 @@ only the documents a block covers.
 
 from __future__ import annotations
 
-from bisect import bisect_right
-
 import numpy as np
 
 from finetune.data import cache
 from finetune.data.cache import Rows
-from finetune.data.sft_data import Mixed
+from finetune.data.sft_data import Mixed, Ragged
 from finetune.data.sources import column
 from finetune.data.stream import identity, iter_chunks, keep_only, rows, selected, settle_format
 from finetune.data.tokenizer import encode_text
@@ -50,17 +48,11 @@ class DocTable:
 
     def __init__(self, entry: cache.Entry) -> None:
         self.entry = entry
-        self.starts, self.parts = [0], []
-        for c in entry.table.column("input_ids").chunks:
-            self.parts.append((c.offsets.to_numpy(), c.values.to_numpy()))
-            self.starts.append(self.starts[-1] + len(c))
-        self.lengths = np.concatenate([np.diff(off) for off, _ in self.parts] or [np.zeros(0, np.int64)])
+        self.docs = Ragged(entry.table.column("input_ids").chunks)
+        self.lengths = self.docs.lengths
 
     def __getitem__(self, r: int) -> np.ndarray:
-        c = bisect_right(self.starts, r) - 1
-        offsets, values = self.parts[c]
-        j = r - self.starts[c]
-        return values[offsets[j]:offsets[j + 1]]
+        return self.docs[r]
 
     def read_order(self) -> np.ndarray:
         """Rows in read_source's order, blank documents left out (read_texts skips them)."""
