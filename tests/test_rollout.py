@@ -92,3 +92,48 @@ def test_seeded_sampling_reproduces_and_greedy_matches_the_eval_helper(tiny):
     assert stop_token_ids(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     with pytest.raises(ValueError, match="n must be >= 1"):
         sample_completions(model, tok, PROMPTS, cfg, n=0)
+
+
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 64}
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("llama", {}), ("llama", {"lora": True}),
+    ("mistral", {"sliding_window": 3}),  # prompts longer than the window: the cache keeps its tail only
+    ("gemma2", {"sliding_window": 4, "head_dim": 8}),  # hybrid: sliding and global layers alternate
+    ("gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 4}),  # learned positions: left padding must shift them
+])
+def test_one_prefill_per_distinct_prompt_samples_what_the_plain_call_samples(model_type, extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finetune.rl.prefill import shared_prefill
+
+    torch.manual_seed(0)
+    extra = dict(extra)
+    lora = extra.pop("lora", False)
+    keys = {} if model_type == "gpt2" else SMALL
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**keys, "vocab_size": 64, **extra}))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    rows = [p for p in prompts for _ in range(4)] + [[20, 21]]  # a prompt seen once shares nothing
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in rows])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+    kwargs = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.8, "top_k": 0, "pad_token_id": 0,
+              "eos_token_id": None, "return_dict_in_generate": True, "output_logits": True}
+    with torch.no_grad():
+        torch.manual_seed(1)
+        plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        shared = shared_prefill(model, ids, mask)
+        (cache,) = shared.values()  # the prefill was shared: one cache, every row, all but the last token
+        assert cache.get_seq_length() == width - 1 and cache.layers[0].keys.shape[0] == len(rows)
+        torch.manual_seed(1)
+        out = model.generate(input_ids=ids, attention_mask=mask, **shared, **kwargs)
+        assert shared_prefill(model, ids[::4], mask[::4]) == {}  # distinct rows: the plain call
+    assert torch.equal(out.sequences, plain.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, plain.logits, strict=True)) < 1e-4

@@ -28,6 +28,7 @@ from torch import nn
 
 from finetune.errors import RecipeError
 from finetune.recipe.schema import Recipe, SamplingCfg
+from finetune.rl.prefill import shared_prefill
 from finetune.rl.rollout import generation_kwargs
 from finetune.train.losses import gather_logprobs
 
@@ -182,7 +183,8 @@ def generate(policy, prompts: list[list[int]], sampling: SamplingCfg, stop_ids: 
             for start in range(0, len(prompts), sampling.batch_size):
                 rows = slice(start, start + sampling.batch_size)
                 out = policy.generate(input_ids=query[rows], attention_mask=query_mask[rows], use_cache=True,
-                                      return_dict_in_generate=True, output_logits=with_logprobs, **kwargs)
+                                      return_dict_in_generate=True, output_logits=with_logprobs,
+                                      **shared_prefill(policy, query[rows], query_mask[rows]), **kwargs)
                 new = out.sequences[:, width:]
                 response[rows, :new.shape[1]] = new
                 if with_logprobs:

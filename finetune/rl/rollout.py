@@ -27,6 +27,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from finetune.data.tokenizer import stop_token_ids
 from finetune.recipe.schema import SamplingCfg
+from finetune.rl.prefill import shared_prefill
 from finetune.train.losses import gather_logprobs
 
 # Everything generate() reads that changes the distribution, set to "off": values missing from
@@ -151,7 +152,7 @@ def _generate(model, prompt_ids: list[list[int]], kwargs: dict, temperature: flo
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=device)
     recorder = _LogprobRecorder(temperature)
     out = model.generate(input_ids=input_ids, attention_mask=mask, logits_processor=LogitsProcessorList([recorder]),
-                         **kwargs)
+                         **shared_prefill(model, input_ids, mask), **kwargs)
     new = out[:, width:]
     logprobs = recorder.finish(new[:, -1]).float().cpu()
     return list(zip(new.cpu().tolist(), logprobs, strict=True))
