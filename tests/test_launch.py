@@ -122,6 +122,19 @@ def test_port_in_use_is_reported(capsys, in_tmp, model_dir):
     assert f"port {port} is in use" in capsys.readouterr().err
 
 
+def test_the_launching_process_does_not_import_torch(in_tmp, model_dir):
+    # It validates, writes the accelerate config and starts accelerate: torch would cost every launch
+    # ~1.3 s of CPU in a process that never trains. The started command is recorded, not run.
+    path = write(in_tmp / "r.yaml", json.dumps(sft(in_tmp, model_dir, "out", 4)))
+    code = ("import subprocess, sys; started = []; subprocess.call = lambda cmd, **k: started.append(cmd) or 0\n"
+            "from finetune.cli.main import main\n"
+            f"rc = main(['launch', {str(path)!r}, '--num-processes', '2'])\n"
+            "assert rc == 0 and 'accelerate.commands.launch' in started[0], (rc, started)\n"
+            "assert 'torch' not in sys.modules, 'launch imported torch'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (on CPU: tests/test_fsdp.py)")
 def test_fsdp2_equals_one_process(in_tmp, model_dir):

@@ -30,7 +30,7 @@ def is_main_process() -> bool:
 
 def resolve_resume(recipe: Recipe) -> Path | None:
     """Which checkpoint to resume from, or None for a fresh run. Refuses to mix two runs."""
-    from finetune.train.checkpoint import STATE_FILE, latest_checkpoint, verify_checkpoint
+    from finetune.train.checkpoint_files import STATE_FILE, latest_checkpoint, verify_checkpoint
 
     run = recipe.run
     out = Path(run.output_dir)
@@ -274,8 +274,6 @@ def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
     """Everything that can be wrong before a process starts."""
     import socket
 
-    import torch
-
     la = recipe.launch
     check_strategy(recipe)
     if la.nnodes > 1 and not la.master:
@@ -284,10 +282,13 @@ def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
         raise RecipeError(f"launch.node_rank: {la.node_rank} must be below launch.nnodes ({la.nnodes})")
     if la.master and not re.fullmatch(r"[\w.\-:\[\]]+:\d{1,5}", la.master):
         raise RecipeError(f"launch.master: {la.master!r} is not host:port")
-    visible = torch.cuda.device_count()
-    if gpus_requested and la.num_processes > visible:
-        raise RecipeError(f"--gpus {la.num_processes}: only {visible} CUDA GPU(s) visible on this machine "
-                          "(use --num-processes for CPU processes)")
+    if gpus_requested:
+        import torch  # only here: the launching process never trains, and torch costs it ~1.3 s of CPU
+
+        visible = torch.cuda.device_count()
+        if la.num_processes > visible:
+            raise RecipeError(f"--gpus {la.num_processes}: only {visible} CUDA GPU(s) visible on this machine "
+                              "(use --num-processes for CPU processes)")
     if la.strategy in ("zero2", "zero3"):
         from finetune.train.deepspeed_support import launch_problem
 
@@ -312,7 +313,7 @@ def check_launch(recipe: Recipe, gpus_requested: bool) -> None:
 def check_resume_world(ckpt: Path | None, processes: int) -> None:
     """The engine refuses to resume with another process count (the data position is per rank);
     the launcher says so before starting any process."""
-    from finetune.train.checkpoint import STATE_FILE
+    from finetune.train.checkpoint_files import STATE_FILE
 
     if ckpt is None:
         return

@@ -19,7 +19,6 @@ Optimizer/scheduler/RNG files are read with torch.load(weights_only=True).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,51 +31,17 @@ from safetensors.torch import load_file
 
 from finetune.errors import RecipeError
 from finetune.train import deepspeed_support, sharding
-
-STATE_FILE = "trainer_state.json"
-MANIFEST = "manifest.json"
-
-
-def checkpoint_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoints whose save completed (a manifest is written last), oldest first."""
-    root = checkpoint_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def latest_checkpoint(output_dir: Path, verify: bool = True) -> Path | None:
-    """The newest checkpoint that passes its manifest; corrupt ones are reported and skipped."""
-    from finetune.console import info
-
-    for path in reversed(list_checkpoints(output_dir)):
-        problem = verify_checkpoint(path) if verify else None
-        if problem is None:
-            return path
-        info(f"[yellow]warning:[/] checkpoint {path} is unusable ({problem}); trying the previous one")
-    return None
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """None when every file listed in the manifest is present with its size and hash."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return f"unreadable manifest: {e}"
-    for rel, meta in manifest["files"].items():
-        f = path / rel
-        if not f.is_file():
-            return f"missing {rel}"
-        if f.stat().st_size != meta["size"]:
-            return f"{rel} has {f.stat().st_size} bytes, expected {meta['size']}"
-        if _sha256(f) != meta["sha256"]:
-            return f"{rel} is corrupt (hash mismatch)"
-    return None
+from finetune.train.checkpoint_files import (  # noqa: F401 (the layout, re-exported)
+    MANIFEST,
+    STATE_FILE,
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    read_state,
+    remove_partial_checkpoints,
+    verify_checkpoint,
+)
+from finetune.train.checkpoint_files import sha256 as _sha256
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, model, optimizer, scheduler,
@@ -161,14 +126,6 @@ def _write_manifest(tmp: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -182,16 +139,6 @@ def _any_rank_failed(accelerator, failed: bool) -> bool:
         return failed
     flag = torch.tensor(float(failed), device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-
-def remove_partial_checkpoints(output_dir: Path) -> None:
-    for tmp in checkpoint_dir(output_dir).glob(".tmp-step-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_state(path: Path) -> dict:
-    """A checkpoint's trainer_state.json (step, data position, number of processes)."""
-    return json.loads((path / STATE_FILE).read_text())
 
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
