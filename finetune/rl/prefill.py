@@ -18,12 +18,13 @@ import torch
 def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     """generate() keyword arguments carrying the cache of every row's prompt but its last token,
     computed once per distinct (ids, mask) row; {} when no row repeats or the model's cache cannot
-    be handed over (a generation config that names its own cache, recurrent layers)."""
-    config = getattr(model, "generation_config", None)
+    be handed over (a generation config that names its own cache, recurrent layers, remote code)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft adapter
+    config = getattr(base, "generation_config", None)
     if input_ids.shape[1] < 2 or getattr(config, "cache_implementation", None) is not None:
         return {}
-    if not getattr(config, "use_cache", True):
-        return {}
+    if not getattr(config, "use_cache", True) or not type(base).__module__.startswith("transformers."):
+        return {}  # remote code may want arguments only generate builds (cache_position): the plain call
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
     distinct, index = torch.unique(rows, dim=0, return_inverse=True)
     if len(distinct) == len(rows):
