@@ -200,12 +200,17 @@ def _read_jsonl(path: Path, src: DataSource, key: str, limit: int | None = None)
             line = _decode(raw, src, key, path, lineno) if isinstance(raw, bytes) else raw
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-            rows.append(_as_row(value, f"{path}:{lineno}"))
+            rows.append(json_row(line, f"{path}:{lineno}"))
     return rows
+
+
+def json_row(line: str, origin: str) -> Row:
+    """One JSONL line as a row; DataError naming the file and line when it is not a JSON object."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{origin}: not valid JSON: {e.msg}") from None
+    return _as_row(value, origin)
 
 
 def _open(path: Path):

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from finetune.data.sources import (
     Row,
-    _as_row,
     _decode,
     _line_by_line,
     _open,
     _read_file,
     _read_text,
+    json_row,
     source_files,
     with_format,
 )
@@ -66,15 +66,7 @@ def rows(chunk: Chunk) -> list[Row]:
     if chunk.kind == "arrow":
         table = chunk.payload if chunk.keep is None else chunk.payload.take(chunk.keep)
         return [Row(d, f"{chunk.where}:row {chunk.first + k}") for k, d in zip(offsets, table.to_pylist(), strict=True)]
-    out = []
-    for k in offsets:
-        lineno, line = chunk.payload[k]
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{chunk.where}:{lineno}: not valid JSON: {e.msg}") from None
-        out.append(_as_row(value, f"{chunk.where}:{lineno}"))
-    return out
+    return [json_row(line, f"{chunk.where}:{lineno}") for lineno, line in (chunk.payload[k] for k in offsets)]
 
 
 def iter_chunks(src: DataSource, key: str, per_chunk: int | None = None) -> Iterator[Chunk]:
