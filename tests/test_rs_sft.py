@@ -270,3 +270,28 @@ def test_a_reward_model_scores_the_samples(in_tmp, tiny_model_dir, often_stoppin
     scores = [r["rewards"][f"model:{rm_dir}"] for r in rows]
     assert len(set(scores)) > len(scores) // 2  # real, per-sample reward-model scores
     assert all(r["reward"] == s for r, s in zip(rows, scores, strict=True))
+
+
+def test_sampling_runs_in_the_runs_autocast(in_tmp, tiny_model_dir, often_stopping, monkeypatch):
+    # run.precision bf16: the SFT steps autocast (accelerate) and so must the sampling, or fp32
+    # master weights sample in fp32 on a GPU. On the CPU, bf16 autocast shows the same mechanism.
+    import torch
+
+    from finetune.trainers import rs_sft
+
+    seen = []
+    real = rs_sft.load_policy
+
+    def load_policy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, _: seen.append(
+            (module.training, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))))
+        return model
+
+    monkeypatch.setattr(rs_sft, "load_policy", load_policy)
+    recipe = rs_recipe(in_tmp, tiny_model_dir, "reward_length", rounds=1)
+    recipe["run"]["precision"] = "bf16"
+    run_recipe(recipe_from_dict(recipe))
+    sampling = {dtype for training, dtype in seen if not training}
+    assert sampling == {torch.bfloat16}, seen[:5]
+    assert any(training for training, _ in seen)  # the round's SFT went through the same model
