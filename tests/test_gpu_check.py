@@ -24,7 +24,8 @@ def test_cpu_mode_runs_every_check_and_writes_the_table(tmp_path):
     assert text.startswith("# kept\n") and text.endswith("tail\n") and "old" not in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     seen = {(r[0].strip("| "), r[2]) for r in rows}
-    for check in ("attention kernel", "packed vs padded (bf16)", "compile", "ppo (2 LoRA updates)", "bench"):
+    for check in ("attention kernel", "packed vs padded (bf16)", "compile", "ppo (2 LoRA updates)", "bench",
+                  "sampling (shared prefill)"):
         assert (check, "PASS") in seen, (check, rows)
     assert len([r for r in rows if r[0] == "| attention kernel"]) == 3  # fp32-master, LoRA, QLoRA
     assert {r[2] for r in rows if r[0] == "| peak memory"} == {"SKIP"}  # no CUDA: trained, not measured

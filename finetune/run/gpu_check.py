@@ -15,6 +15,7 @@ exits 1 on any FAIL. Checks:
   against the plan's estimate (within 15%) and the recipe's Hardware comment.
 - compile: run.compile's layers over varying lengths: recompiles, graph breaks, tokens/s and loss vs eager.
 - ppo: two PPO LoRA updates: ratio at the first minibatch ~ 1, finite non-zero grad norms, bf16 rollouts.
+- sampling: n replies per prompt, one prefill per distinct prompt vs plain generate (gpu_check_sampling.py).
 - pytest -m gpu, and `finetune bench --suite quick` (our SFT vs TRL's in the same run).
 - deepspeed: a tiny zero2 and zero3 launch saves, resumes and matches the uninterrupted run (gpu_check_deepspeed.py).
 """
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.run import gpu_check_deepspeed
+from finetune.run import gpu_check_deepspeed, gpu_check_sampling
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK_BEGIN, MARK_END = "<!-- gpu-check results -->", "<!-- /gpu-check results -->"
@@ -519,7 +520,9 @@ def run_checks(ctx: Ctx, only: set[str] | None = None, progress=None) -> list[Ro
     convs, prompts = write_data(ctx)
     checks = {"attention": lambda: check_attention(ctx, convs), "packed": lambda: check_packed_vs_padded(ctx, convs),
               "memory": lambda: check_memory(ctx, convs), "compile": lambda: check_compile(ctx),
-              "ppo": lambda: check_ppo(ctx, prompts), "pytest": lambda: check_pytest_gpu(ctx),
+              "ppo": lambda: check_ppo(ctx, prompts),
+              "sampling": lambda: [Row(*r) for r in gpu_check_sampling.check(ctx, model_dir)],
+              "pytest": lambda: check_pytest_gpu(ctx),
               "bench": lambda: check_bench(ctx), "deepspeed": lambda: [Row(*r) for r in gpu_check_deepspeed.check(
                   ctx, convs, model_dir, asked="deepspeed" in (only or ()))]}
     rows: list[Row] = []
@@ -573,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="markdown file to write the table into "
                    "(default docs/gpu-check.md; with --cpu runs/gpu-check-cpu.md)")
     p.add_argument("--only", default=None,
-                   help="comma-separated: attention,packed,memory,compile,ppo,pytest,bench,deepspeed")
+                   help="comma-separated: attention,packed,memory,compile,ppo,sampling,pytest,bench,deepspeed")
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print("no CUDA GPU here: run with --cpu for the CPU smoke mode", file=sys.stderr)
