@@ -6,8 +6,9 @@ paid n times; with prompts longer than the replies it is most of the sampling ti
 rs stage: ~70% of its sampling). Here the distinct rows of a left-padded batch go through the model
 once, all but their last token, and the cache is gathered back to the batch's rows; generate then
 starts from it and feeds only the last prompt token, as it does for a cache passed in. The sampled
-tokens and their log-probs are those of the plain call up to float rounding (the same shapes are
-not multiplied in the same blocks; tested: identical greedy and seeded samples, log-probs to 1e-5).
+tokens and their log-probs are those of the plain call up to float rounding (other batch shapes
+are multiplied in other blocks; tests/test_rollout.py: identical seeded samples on five model
+kinds, logits within 1e-4, measured 1.5e-7 in fp32).
 """
 
 from __future__ import annotations
